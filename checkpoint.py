@@ -1,0 +1,126 @@
+"""Checkpoint files in the Hugging Face layout of THUDM/chatglm2-6b: find them, check them, stream them, write them."""
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from atomic import atomic_directory
+from errors import InputError
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+
+
+def read_config(path: str | Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise InputError(f"checkpoint directory {path} does not exist; pass --model_path the folder holding config.json")
+    if not config_file.is_file():
+        raise InputError(f"{config_file} is missing; a ChatGLM2 checkpoint folder needs config.json, tokenizer.model and the weights")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{config_file} is not valid JSON ({error}); restore it from the original checkpoint") from None
+
+
+def weight_files(path: str | Path) -> dict[str, Path]:
+    """Map every tensor name to the file holding it, after checking that every file exists."""
+    path = Path(path)
+    for index_name in INDEX_FILES:
+        index_file = path / index_name
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise InputError(f"{index_file} has no valid 'weight_map'; restore it from the original checkpoint") from None
+            files = {name: path / file for name, file in weight_map.items()}
+            for file in sorted(set(files.values())):
+                if not file.is_file():
+                    raise InputError(f"{file.name} is named in {index_name} but missing from {path}; download it again")
+            return files
+    for single_name in SINGLE_FILES:
+        if (path / single_name).is_file():
+            return {name: path / single_name for name in tensor_names(path / single_name)}
+    raise InputError(f"no weights in {path}: expected {' or '.join(INDEX_FILES + SINGLE_FILES)}")
+
+
+def tensor_names(file: Path) -> list[str]:
+    if file.suffix == ".safetensors":
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    return list(_load_bin(file).keys())
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:
+        raise InputError(f"cannot read {file} as a PyTorch weights file ({error.__class__.__name__}); it may be truncated") from None
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) file by file, so that at most one shard is mapped at a time."""
+    files = weight_files(path)
+    for file in sorted(set(files.values())):
+        names = [name for name, f in files.items() if f == file]
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+        else:
+            shard = _load_bin(file)
+            for name in names:
+                if name not in shard:
+                    raise InputError(f"{file.name} lacks tensor {name} that the index places there; the shard is corrupt")
+                yield name, shard[name]
+            del shard
+
+
+def shard_file_name(k: int, count: int, safetensors: bool) -> str:
+    stem, suffix = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
+    return f"{stem}.{suffix}" if count == 1 else f"{stem}-{k:05d}-of-{count:05d}.{suffix}"
+
+
+def save_shard(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    if file.suffix == ".safetensors":
+        save_file(tensors, file, metadata={"format": "pt"})
+    else:
+        torch.save(tensors, file)
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int, safetensors: bool) -> None:
+    name = INDEX_FILES[0] if safetensors else INDEX_FILES[1]
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def write_config_and_tokenizer(directory: Path, config: dict, tokenizer_dir: str | Path) -> None:
+    (directory / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+
+
+def write_checkpoint(path: str | Path, config: dict, shards: Iterable[dict[str, torch.Tensor]], num_shards: int,
+                     tokenizer_dir: str | Path, safetensors: bool = False) -> None:
+    """Write config, tokenizer and weight shards (with an index when there are several), all or nothing.
+
+    `shards` may be a generator, so only one shard need be in memory at a time.
+    """
+    with atomic_directory(path) as tmp:
+        write_config_and_tokenizer(tmp, config, tokenizer_dir)
+        weight_map, total_size = {}, 0
+        for k, shard in enumerate(shards, start=1):
+            file = shard_file_name(k, num_shards, safetensors)
+            save_shard(tmp / file, shard)
+            for name, tensor in shard.items():
+                weight_map[name] = file
+                total_size += tensor.numel() * tensor.element_size()
+        if num_shards > 1:
+            write_index(tmp, weight_map, total_size, safetensors)

@@ -1,0 +1,82 @@
+"""Tensor-parallel plumbing: process group set-up under torchrun and the few collectives the model needs."""
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from errors import InputError
+
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+COLLECTIVE_TIMEOUT_S = int(os.environ.get("TP_TIMEOUT_S", "600"))
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_tp_size(tp_size: int) -> None:
+    world_size = launched_world_size()
+    if tp_size < 1:
+        raise InputError(f"--tp_size must be at least 1, got {tp_size}")
+    if tp_size != world_size:
+        raise InputError(f"--tp_size {tp_size} does not match the {world_size} process(es) started; "
+                         f"launch with torchrun --nproc_per_node {tp_size}")
+
+
+def init_tensor_parallel(tp_size: int, device: torch.device) -> int:
+    """Join the torchrun process group on `device`'s backend; returns this process's tp_rank."""
+    check_tp_size(tp_size)
+    if tp_size == 1:
+        return 0
+    if not dist.is_initialized():
+        dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+                                rank=launched_rank(), world_size=tp_size)
+    return dist.get_rank()
+
+
+def is_tp() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_rank0() -> bool:
+    return not is_tp() or dist.get_rank() == 0
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (cli turns, sampling seeds, web requests); identity without TP."""
+    if not is_tp():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_ranks_max(value: float) -> float:
+    """The largest `value` over ranks (the reference reports the slowest rank's timing)."""
+    if not is_tp():
+        return value
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return max(values)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

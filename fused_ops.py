@@ -1,0 +1,133 @@
+"""The operators the Ascend reference takes from ATB, with a plain-PyTorch path (CPU, CUDA) and a torch_npu path.
+
+Each op dispatches on the device of its input, so one model runs everywhere. The torch_npu branches are thin
+wrappers over torch_npu's fused kernels; they have not been run on Ascend hardware by this project.
+"""
+import functools
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+from errors import InputError
+
+DEVICE_KINDS = ("auto", "npu", "cuda", "cpu")
+
+
+@functools.cache
+def npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers torch.npu)
+    return torch.npu.is_available()
+
+
+def _torch_npu():
+    import torch_npu
+    return torch_npu
+
+
+def select_device(kind: str = "auto", index: int = 0) -> torch.device:
+    """NPU if present, else CUDA, else CPU; `kind` forces one and fails clearly when it is absent."""
+    kind = (kind or "auto").lower()
+    if kind not in DEVICE_KINDS:
+        raise InputError(f"unknown device kind {kind!r}; use one of {', '.join(DEVICE_KINDS)}")
+    if kind == "auto":
+        kind = "npu" if npu_available() else "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    available, count = ((npu_available(), torch.npu.device_count() if npu_available() else 0) if kind == "npu"
+                        else (torch.cuda.is_available(), torch.cuda.device_count()))
+    if not available:
+        raise InputError(f"--backend {kind} was asked for but no {kind.upper()} is available; use --backend auto or cpu")
+    if index >= count:
+        raise InputError(f"device {kind}:{index} does not exist ({count} present); lower --device or --tp_size")
+    return torch.device(kind, index)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on accelerators (as the reference), bf16 on CPUs with native bf16 support, else fp32."""
+    if device.type in ("npu", "cuda"):
+        return torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def set_cpu_threads() -> None:
+    """torchrun pins every process to one thread; give each local rank its share of the cores instead."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with the variance in fp32, as ChatGLM2 computes it."""
+    if x.device.type == "npu":
+        return _torch_npu().npu_rms_norm(x, weight, epsilon=eps)[0]
+    x32 = x.float()
+    return (weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+
+
+def rotary_tables(max_positions: int, rotary_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [max_positions, rotary_dim // 2] in fp32, for theta_i = base^(-2i / rotary_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] dims of each head as interleaved pairs (GPT-J style).
+
+    x: [batch, seq, heads, head_dim]; cos, sin: [batch, seq, rotary_dim // 2].
+    """
+    rotary_dim = cos.shape[-1] * 2
+    if x.device.type == "npu" and cos.shape[0] == 1:
+        # npu_rotary_mul's interleave mode takes cos/sin broadcast over the batch (1, S, 1, D) only.
+        cos2 = cos.repeat_interleave(2, -1).unsqueeze(2).to(x.dtype)
+        sin2 = sin.repeat_interleave(2, -1).unsqueeze(2).to(x.dtype)
+        rotated = _torch_npu().npu_rotary_mul(x[..., :rotary_dim].contiguous(), cos2, sin2, rotary_mode="interleave")
+        return torch.cat((rotated, x[..., rotary_dim:]), -1)
+    pairs = x[..., :rotary_dim].float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), -1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Multi-query attention over a KV cache, for prefill (many queries) and decode (one query).
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, groups, keys, head_dim] (the cache layout; query head h uses
+    group h // (heads // groups)); mask: bool [batch, 1, seq, keys], True = may attend, or None for plain causal
+    attention with no padding. Returns [batch, seq, heads * head_dim].
+    """
+    batch, seq, heads, head_dim = q.shape
+    groups = k.shape[1]
+    if q.device.type == "npu":
+        return _npu_attention(q, k, v, mask)
+    if seq == 1:
+        # One query per head: lay each group's heads out as a query sequence so K and V are read once per group.
+        grouped_q = q.view(batch, groups, heads // groups, head_dim)
+        out = F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=mask)
+        return out.reshape(batch, 1, heads * head_dim)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
+                                         enable_gqa=groups != heads)
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def _npu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    batch, seq, heads, head_dim = q.shape
+    keys = k.shape[2]
+    if mask is None:
+        mask = torch.ones(seq, keys, dtype=torch.bool, device=q.device).tril(keys - seq)[None, None]
+    out = _torch_npu().npu_fused_infer_attention_score(
+        q.transpose(1, 2), k, v, num_heads=heads, num_key_value_heads=k.shape[1], input_layout="BNSD",
+        scale=head_dim ** -0.5, atten_mask=~mask.expand(batch, 1, seq, keys))[0]
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """silu(first half) * second half, along the last dim."""
+    if x.device.type == "npu":
+        return _torch_npu().npu_swiglu(x, dim=-1)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

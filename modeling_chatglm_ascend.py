@@ -1,0 +1,381 @@
+"""ChatGLM2-6B for inference on Ascend NPU, NVIDIA GPU or CPU, and its public API.
+
+The module layout and parameter names mirror THUDM/chatglm2-6b, so a Hugging Face checkpoint (or a tensor-parallel
+part written by process_weights.py) loads by name. The heavy operators come from fused_ops.py.
+"""
+import os
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import distributed
+import fused_ops
+import sampling
+from checkpoint import iter_tensors, read_config, weight_files
+from errors import InputError
+from tensor_parallel import check_tp_config, part_model_dir
+from tokenization_chatglm import ChatGLM2Tokenizer
+
+__all__ = ["ChatGLM2Config", "ChatGLM2ForCausalLM", "ChatGLM2Tokenizer", "max_seq_len_from_env"]
+
+DEFAULT_MAX_SEQ_LEN = 2048
+REQUIRED_CONFIG_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
+                          "padded_vocab_size")
+
+
+@dataclass
+class ChatGLM2Config:
+    num_layers: int = 28
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 13696
+    kv_channels: int = 128
+    num_attention_heads: int = 32
+    multi_query_attention: bool = True
+    multi_query_group_num: int = 2
+    padded_vocab_size: int = 65024
+    seq_length: int = 32768
+    layernorm_epsilon: float = 1e-5
+    add_qkv_bias: bool = True
+    rope_ratio: float = 1.0
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    float_layers_id: list[int] = field(default_factory=lambda: [0])
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ChatGLM2Config":
+        """Known fields are read, unknown ones (world_size, auto_map, ...) ignored; other architectures refused."""
+        missing = [name for name in REQUIRED_CONFIG_FIELDS if name not in config]
+        if missing:
+            raise InputError(f"config.json lacks {', '.join(missing)}; is this a ChatGLM2 checkpoint?")
+        unsupported = {"rmsnorm": False, "post_layer_norm": False, "add_bias_linear": True,
+                       "apply_residual_connection_post_layernorm": True, "original_rope": False}
+        for name, bad in unsupported.items():
+            if config.get(name, not bad) == bad:
+                raise InputError(f"config.json sets {name}={bad}, which ChatGLM2 does not use; this checkpoint is another model")
+        if config.get("pre_seq_len"):
+            raise InputError("config.json sets pre_seq_len (a P-tuning v2 prefix), which is not supported; "
+                             "merge or drop the prefix encoder first")
+        if config.get("quantization_bit"):
+            raise InputError("config.json sets quantization_bit (THUDM's own int4/int8 format), which is not supported; "
+                             "use the float checkpoint, and ENABLE_QUANT for W8A8")
+        known = {f.name for f in fields(cls)}
+        values = {name: value for name, value in config.items() if name in known and value is not None}
+        if values.get("rope_ratio") is None:
+            values.pop("rope_ratio", None)
+        return cls(**values)
+
+    @property
+    def kv_groups(self) -> int:
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+
+def max_seq_len_from_env() -> int:
+    value = os.environ.get("MAX_SEQ_LEN", str(DEFAULT_MAX_SEQ_LEN))
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"MAX_SEQ_LEN={value!r} is not a positive integer; export e.g. MAX_SEQ_LEN=4096")
+    return int(value)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_ops.rms_norm(x, self.weight, self.eps)
+
+
+class SelfAttention(nn.Module):
+    """Multi-query attention; under tensor parallel this rank holds heads/tp query heads and its KV group."""
+
+    def __init__(self, config: ChatGLM2Config, tp_size: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_kv_groups = config.kv_groups // min(tp_size, config.kv_groups)
+        self.head_dim = config.kv_channels
+        self.tp_size = tp_size
+        qkv_size = (self.num_heads + 2 * self.num_kv_groups) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=config.add_qkv_bias)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv_cache: torch.Tensor | None, start: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_groups * self.head_dim
+        q, k, v = self.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = fused_ops.apply_rotary(q.view(batch, seq, self.num_heads, self.head_dim), cos, sin)
+        k = fused_ops.apply_rotary(k.view(batch, seq, self.num_kv_groups, self.head_dim), cos, sin).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_groups, self.head_dim).transpose(1, 2)
+        if kv_cache is not None:
+            kv_cache[0, :, :, start:start + seq] = k
+            kv_cache[1, :, :, start:start + seq] = v
+            k, v = kv_cache[0, :, :, :start + seq], kv_cache[1, :, :, :start + seq]
+        out = self.dense(fused_ops.attention(q, k, v, mask))
+        return distributed.all_reduce_sum(out) if self.tp_size > 1 else out
+
+
+class MLP(nn.Module):
+    """SwiGLU; dense_h_to_4h holds this rank's gate rows then its up rows, so the split stays local under TP."""
+
+    def __init__(self, config: ChatGLM2Config, tp_size: int):
+        super().__init__()
+        ffn_size = config.ffn_hidden_size // tp_size
+        self.tp_size = tp_size
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * ffn_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(ffn_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dense_4h_to_h(fused_ops.swiglu(self.dense_h_to_4h(x)))
+        return distributed.all_reduce_sum(out) if self.tp_size > 1 else out
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLM2Config, tp_size: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = SelfAttention(config, tp_size)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config, tp_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv_cache: torch.Tensor | None, start: int) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, mask, kv_cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLM2Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ChatGLM2Config, tp_size: int):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config, tp_size) for _ in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+
+class ChatGLM2Model(nn.Module):
+    def __init__(self, config: ChatGLM2Config, tp_size: int):
+        super().__init__()
+        self.embedding = Embedding(config)
+        self.encoder = Encoder(config, tp_size)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size // tp_size, bias=False)
+
+
+def attention_mask(key_valid: torch.Tensor, has_padding: bool, start: int, seq: int) -> torch.Tensor | None:
+    """Bool [batch, 1, seq, start+seq] (True = may attend), or None when plain causal attention is exact.
+
+    A padding query row may attend to itself only, so that it never sees an all-masked row (NaN).
+    """
+    keys = start + seq
+    if not has_padding:
+        return None
+    positions = torch.arange(keys, device=key_valid.device)
+    query_positions = positions[start:, None]
+    causal = positions[None, :] <= query_positions
+    mask = causal[None, None] & key_valid[:, None, None, :keys]
+    return mask | (positions[None, :] == query_positions)[None, None]
+
+
+class ChatGLM2ForCausalLM(nn.Module):
+    def __init__(self, config: ChatGLM2Config, tp_rank: int = 0, tp_size: int = 1,
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+        super().__init__()
+        self.config = config
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.max_seq_len = max_seq_len
+        self.transformer = ChatGLM2Model(config, tp_size)
+        self.kv_cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        tp_rank: int = 0, tp_size: int = 1, max_seq_len: int | None = None,
+                        show_progress: bool = False) -> "ChatGLM2ForCausalLM":
+        """Load a checkpoint directory (HF layout); with tp_size > 1, this rank's part from process_weights.py.
+
+        device: "auto" / "npu" / "cuda" / "cpu" / a torch.device (default: auto, using device index tp_rank);
+        dtype: default fp16 on NPU/GPU, bf16 on a CPU with native bf16, else fp32; max_seq_len: default $MAX_SEQ_LEN.
+        """
+        if not isinstance(device, torch.device):
+            device = fused_ops.select_device(device or "auto", tp_rank)
+        dtype = dtype or fused_ops.default_dtype(device)
+        config = ChatGLM2Config.from_dict(read_config(path))
+        check_tp_config(config, tp_size)
+        weights_dir = part_model_dir(path, tp_size, tp_rank) if tp_size > 1 else Path(path)
+        with torch.device("meta"):
+            model = cls(config, tp_rank, tp_size, max_seq_len or max_seq_len_from_env())
+        model._load_weights(weights_dir, device, dtype, show_progress)
+        return model.eval()
+
+    def _load_weights(self, weights_dir: Path, device: torch.device, dtype: torch.dtype, show_progress: bool) -> None:
+        """Assign each tensor as it streams in, so no second copy of the weights is ever held."""
+        expected = dict(self.named_parameters())
+        loaded = set()
+        names = weight_files(weights_dir)
+        for name, tensor in tqdm(iter_tensors(weights_dir), total=len(names), desc="loading weights", unit="tensor",
+                                 disable=not show_progress):
+            if name.endswith("rotary_pos_emb.inv_freq"):
+                continue  # derived from the config below
+            if name not in expected:
+                raise InputError(f"{weights_dir} holds tensor {name}, which ChatGLM2 does not have; is this another model?")
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise InputError(f"{name} in {weights_dir} has shape {tuple(tensor.shape)} but config.json implies "
+                                 f"{tuple(expected[name].shape)}; the weights and config.json do not belong together")
+            module_name, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(module_name), attr,
+                    nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+            loaded.add(name)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            raise InputError(f"{weights_dir} lacks {len(missing)} tensor(s), e.g. {missing[0]}; the checkpoint is incomplete")
+        rotary_dim = self.config.kv_channels // 2
+        self.rope_cos, self.rope_sin = fused_ops.rotary_tables(self.max_seq_len, rotary_dim,
+                                                               10000.0 * self.config.rope_ratio, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.output_layer.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.output_layer.weight.dtype
+
+    def _hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_valid: torch.Tensor,
+                       has_padding: bool, start: int, use_cache: bool) -> torch.Tensor:
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        mask = attention_mask(key_valid, has_padding, start, input_ids.shape[1])
+        x = self.transformer.embedding.word_embeddings(input_ids)
+        for i, layer in enumerate(self.transformer.encoder.layers):
+            x = layer(x, cos, sin, mask, self.kv_cache[i] if use_cache else None, start)
+        return self.transformer.encoder.final_layernorm(x)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.transformer.output_layer(hidden)
+        if self.tp_size > 1:
+            logits = distributed.all_gather_last_dim(logits)
+        return logits.float()
+
+    @staticmethod
+    def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Left padding: pad positions get 0 and each row's first real token is position 0."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] in fp32, without a KV cache (for scoring)."""
+        input_ids = input_ids.to(self.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        if input_ids.shape[1] > self.max_seq_len:
+            raise InputError(f"input of {input_ids.shape[1]} tokens exceeds MAX_SEQ_LEN={self.max_seq_len}; "
+                             f"shorten it or export MAX_SEQ_LEN={input_ids.shape[1]}")
+        hidden = self._hidden_states(input_ids, self._position_ids(mask), mask.bool(), not bool(mask.all()), 0, False)
+        return self._logits(hidden)
+
+    def _ensure_kv_cache(self, batch: int) -> None:
+        """One preallocated cache [layers, K/V, batch, kv_groups, MAX_SEQ_LEN, head_dim], kept between calls."""
+        attn = self.transformer.encoder.layers[0].self_attention
+        shape = (self.config.num_layers, 2, batch, attn.num_kv_groups, self.max_seq_len, attn.head_dim)
+        if self.kv_cache is None or self.kv_cache.shape != shape or self.kv_cache.dtype != self.dtype:
+            self.kv_cache = None
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _sampling_generator(self, seed: int | None) -> torch.Generator:
+        """Every rank must draw the same token, so rank 0's seed is used everywhere."""
+        seed = distributed.broadcast_object(random.randrange(2 ** 63) if seed is None else seed)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def generate_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                        top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None,
+                        pad_token_id: int | None = None, ignore_eos: bool = False,
+                        seed: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row [batch] per step: a prefill, then one-token decode steps.
+
+        Rows that finished (EOS) get pad_token_id; it stops when every row has finished, unless ignore_eos.
+        """
+        input_ids = input_ids.to(self.device)
+        batch, prompt_len = input_ids.shape
+        if prompt_len == 0:
+            raise InputError("the prompt is empty; give at least one token")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if prompt_len + max_new_tokens > self.max_seq_len:
+            raise InputError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds "
+                             f"MAX_SEQ_LEN={self.max_seq_len}; shorten it or export MAX_SEQ_LEN={prompt_len + max_new_tokens}")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        if not bool(mask.any(dim=-1).all()):
+            raise InputError("a prompt row is all padding; every row needs at least one token")
+        eos_token_id = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        generator = self._sampling_generator(seed) if do_sample else None
+
+        key_valid = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=self.device)
+        key_valid[:, :prompt_len] = mask.bool()
+        has_padding = not bool(mask.all())
+        position_ids = self._position_ids(mask)
+        self._ensure_kv_cache(batch)
+        hidden = self._hidden_states(input_ids, position_ids, key_valid, has_padding, 0, True)
+        next_position = position_ids[:, -1:] + 1
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for step in range(max_new_tokens):
+            logits = self._logits(hidden[:, -1])
+            token = sampling.next_token(logits, do_sample, temperature, top_p, top_k, generator)
+            if not ignore_eos:
+                token = torch.where(finished, pad_token_id, token)
+                finished |= token == eos_token_id
+            yield token
+            if step == max_new_tokens - 1 or (not ignore_eos and bool(finished.all())):
+                return
+            hidden = self._hidden_states(token[:, None], next_position, key_valid, has_padding, prompt_len + step, True)
+            next_position += 1
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
+                 **kwargs) -> torch.Tensor:
+        """New tokens only, int64 [batch, steps]; rows that stopped early are padded with the pad id."""
+        tokens = list(self.generate_stream(input_ids, attention_mask, max_new_tokens, **kwargs))
+        return torch.stack(tokens, dim=1)
+
+    def stream_chat(self, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[tuple[str, str]] | None = None,
+                    max_length: int = 8192, do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,
+                    top_k: int = 0, seed: int | None = None) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+        """Yield (response so far, history + [(query, response)]) as THUDM's stream_chat does.
+
+        max_length counts prompt and answer together and is capped at MAX_SEQ_LEN.
+        """
+        history = list(history or [])
+        if not query.strip():
+            raise InputError("the message is empty; type something to ask")
+        input_ids = tokenizer(tokenizer.build_prompt(query, history))["input_ids"]
+        budget = min(max_length, self.max_seq_len) - input_ids.shape[1]
+        if budget < 1:
+            raise InputError(f"the conversation is {input_ids.shape[1]} tokens, which leaves no room under "
+                             f"max_length/MAX_SEQ_LEN={min(max_length, self.max_seq_len)}; clear the history or raise MAX_SEQ_LEN")
+        tokens, response = [], ""
+        for token in self.generate_stream(input_ids, max_new_tokens=budget, do_sample=do_sample, top_p=top_p,
+                                          temperature=temperature, top_k=top_k, seed=seed):
+            if int(token[0]) == self.config.eos_token_id:
+                break
+            tokens.append(int(token[0]))
+            text = tokenizer.decode(tokens)
+            if text and not text.endswith("\ufffd"):  # wait for the rest of a split multi-byte character
+                response = text.strip()
+                yield response, history + [(query, response)]
+        final = tokenizer.decode(tokens).strip()
+        if final != response or not tokens:
+            yield final, history + [(query, final)]
+
+    def chat(self, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[tuple[str, str]] | None = None,
+             **kwargs) -> tuple[str, list[tuple[str, str]]]:
+        response, new_history = "", list(history or [])
+        for response, new_history in self.stream_chat(tokenizer, query, history, **kwargs):
+            pass
+        return response, new_history
