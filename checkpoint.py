@@ -63,22 +63,25 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"cannot read {file} as a PyTorch weights file ({error.__class__.__name__}); it may be truncated") from None
 
 
-def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) file by file, so that at most one shard is mapped at a time."""
+def iter_shards(path: str | Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """Yield (file, {name: tensor}) one weight file at a time, so at most one shard is mapped at once."""
     files = weight_files(path)
     for file in sorted(set(files.values())):
         names = [name for name, f in files.items() if f == file]
         if file.suffix == ".safetensors":
             with safe_open(file, framework="pt") as f:
-                for name in names:
-                    yield name, f.get_tensor(name)
-        else:
-            shard = _load_bin(file)
-            for name in names:
-                if name not in shard:
-                    raise InputError(f"{file.name} lacks tensor {name} that the index places there; the shard is corrupt")
-                yield name, shard[name]
-            del shard
+                yield file, {name: f.get_tensor(name) for name in names}
+            continue
+        shard = _load_bin(file)
+        missing = [name for name in names if name not in shard]
+        if missing:
+            raise InputError(f"{file.name} lacks tensor {missing[0]} that the index places there; the shard is corrupt")
+        yield file, {name: shard[name] for name in names}
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for _, shard in iter_shards(path):
+        yield from shard.items()
 
 
 def shard_file_name(k: int, count: int, safetensors: bool) -> str:

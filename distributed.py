@@ -1,5 +1,6 @@
 """Tensor-parallel plumbing: process group set-up under torchrun and the few collectives the model needs."""
 import os
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -78,5 +79,12 @@ def all_ranks_max(value: float) -> float:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the group together, then end the process without interpreter finalization: gloo's worker threads can
+    still hold tensors then, and freeing them during finalization aborts the process (pytorch/pytorch#179291)."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

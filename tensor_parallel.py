@@ -6,10 +6,14 @@ the vocab-parallel output_layer; everything else whole.
 """
 import hashlib
 import json
+import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from atomic import atomic_directory, atomic_file, write_text_atomic
 from errors import InputError
 
 ROW_PARALLEL = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
@@ -40,11 +44,17 @@ def check_tp_config(config, tp_size: int) -> None:
         raise InputError(f"--tp_size {tp_size} cannot share {groups} KV groups evenly; use a divisor or multiple of {groups}")
 
 
+def has_float_weights(model_path: str | Path) -> bool:
+    from checkpoint import INDEX_FILES, SINGLE_FILES
+    return any((Path(model_path) / name).is_file() for name in INDEX_FILES + SINGLE_FILES)
+
+
 def part_model_dir(model_path: str | Path, tp_size: int, tp_rank: int) -> Path:
-    """This rank's part, after checking that every rank's part exists and was cut from these weights for tp_size."""
+    """This rank's part, after checking that every rank's part exists and was cut for tp_size from the same weights
+    (the weights in model_path, where they are there; a folder made with --output_path holds only the parts)."""
     root = part_root(model_path, tp_size)
     redo = f"run: python process_weights.py --model_path {model_path} --tp_size {tp_size}"
-    fingerprint = source_fingerprint(model_path)
+    fingerprints = {source_fingerprint(model_path)} if has_float_weights(model_path) else set()
     for rank in range(tp_size):
         config_file = root / str(rank) / "config.json"
         if not config_file.is_file():
@@ -52,7 +62,8 @@ def part_model_dir(model_path: str | Path, tp_size: int, tp_rank: int) -> Path:
         part = json.loads(config_file.read_text(encoding="utf-8"))
         if part.get("world_size") != tp_size or part.get("tp_rank") != rank:
             raise InputError(f"{root / str(rank)} was written for another tp size; {redo}")
-        if part.get("source_fingerprint") != fingerprint:
+        fingerprints.add(part.get("source_fingerprint"))
+        if len(fingerprints) > 1:
             raise InputError(f"{root / str(rank)} was cut from other weights than {model_path} holds now; {redo}")
     return root / str(tp_rank)
 
@@ -98,3 +109,52 @@ def join_tensor(name: str, pieces: list[torch.Tensor], config) -> torch.Tensor:
     if name.endswith("output_layer.weight"):
         return torch.cat(pieces, dim=0)
     return pieces[0]
+
+
+def write_tp_parts(model_path: str | Path, tp_size: int, output_path: str | Path | None = None,
+                   show_progress: bool = True) -> Path:
+    """Cut the float checkpoint into tp_size loadable parts, one source shard at a time (memory ~ one shard).
+
+    Parts go to {output_path or model_path}/tensor_parallel_tp{N}/part_model/{rank}/ and appear only when all are
+    written. An --output_path folder also gets config.json and the tokenizer, so it works as main.py's --model_path.
+    """
+    from checkpoint import (TOKENIZER_FILES, iter_shards, read_config, save_shard, shard_file_name, weight_files,
+                            write_config_and_tokenizer, write_index)
+    from modeling_chatglm_ascend import ChatGLM2Config
+
+    config_dict = read_config(model_path)
+    config = ChatGLM2Config.from_dict(config_dict)
+    check_tp_config(config, tp_size)
+    files = sorted(set(weight_files(model_path).values()))
+    fingerprint = source_fingerprint(model_path)
+    out_root = Path(output_path or model_path)
+    part_configs = [dict(config_dict, world_size=tp_size, tp_rank=rank, source_fingerprint=fingerprint)
+                    for rank in range(tp_size)]
+    with ExitStack() as stack:
+        tmp_parts = [stack.enter_context(atomic_directory(part_root(out_root, tp_size) / str(rank)))
+                     for rank in range(tp_size)]
+        weight_map, total_size = {}, 0
+        for k, (file, shard) in enumerate(tqdm(iter_shards(model_path), total=len(files), unit="shard",
+                                               desc=f"splitting for tp {tp_size}", disable=not show_progress), start=1):
+            pieces = [{} for _ in range(tp_size)]
+            for name, tensor in shard.items():
+                if name.endswith("rotary_pos_emb.inv_freq"):
+                    continue
+                for rank, piece in enumerate(split_tensor(name, tensor, config, tp_size)):
+                    pieces[rank][name] = piece
+                weight_map[name] = shard_file_name(k, len(files), safetensors=True)
+                total_size += tensor.numel() * tensor.element_size() // tp_size
+            for rank in range(tp_size):
+                save_shard(tmp_parts[rank] / shard_file_name(k, len(files), safetensors=True), pieces[rank])
+            del shard, pieces
+        for rank in range(tp_size):
+            write_config_and_tokenizer(tmp_parts[rank], part_configs[rank], model_path)
+            if len(files) > 1:
+                write_index(tmp_parts[rank], weight_map, total_size, safetensors=True)
+    if out_root != Path(model_path):
+        write_text_atomic(out_root / "config.json", json.dumps(config_dict, indent=2, ensure_ascii=False) + "\n")
+        for name in TOKENIZER_FILES:
+            if (Path(model_path) / name).is_file():
+                with atomic_file(out_root / name) as tmp:
+                    shutil.copyfile(Path(model_path) / name, tmp)
+    return part_root(out_root, tp_size)

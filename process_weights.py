@@ -1,0 +1,32 @@
+"""Split a ChatGLM2 checkpoint for tensor parallelism, as the reference's process_weights.py does.
+
+    python process_weights.py --model_path CKPT --tp_size 2
+    torchrun --nproc_per_node 2 --master_port 2000 main.py --mode cli_demo --model_path CKPT --tp_size 2
+"""
+import argparse
+
+from cli import ArgumentParser
+from errors import run_cli
+from tensor_parallel import write_tp_parts
+
+
+def main() -> None:
+    parser = ArgumentParser(prog="process_weights.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True, help="the float checkpoint folder (Hugging Face layout)")
+    parser.add_argument("--tp_size", type=int, required=True, help="number of cards (torchrun --nproc_per_node)")
+    parser.add_argument("--output_path", default=None,
+                        help="folder for tensor_parallel_tp{N}/ (default: inside --model_path, as the reference); "
+                             "then pass this folder to main.py --model_path")
+    args = parser.parse_args()
+    if args.tp_size == 1:
+        print("tp_size 1: a single card loads the float checkpoint directly; nothing to split")
+        return
+    if args.tp_size < 1:
+        parser.error(f"--tp_size must be at least 1, got {args.tp_size}")
+    root = write_tp_parts(args.model_path, args.tp_size, args.output_path)
+    print(f"wrote {args.tp_size} parts under {root}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
