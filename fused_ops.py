@@ -53,6 +53,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so wall-clock timings cover the work (CPU ops are already synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
 def set_cpu_threads() -> None:
     """torchrun pins every process to one thread; give each local rank its share of the cores instead."""
     if "LOCAL_WORLD_SIZE" in os.environ:

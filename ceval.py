@@ -1,0 +1,321 @@
+"""C-Eval accuracy on the val split (--mode precision_dataset), with the protocol of THUDM's evaluate_ceval.py.
+
+For each question, as THUDM's ChatGLM2-6B evaluation/evaluate_ceval.py (which the Ascend example copies) does:
+  1. greedy generation of up to 512 new tokens on the chat prompt build_prompt(question);
+  2. one forward pass on build_prompt(question + response + "\\n综上所述，ABCD中正确的选项是："); the prediction is the
+     argmax of the last position's logits over the first token ids of "A", "B", "C" and "D".
+Questions are batched per subject (--batch), left padded. The dataset is either THUDM's processed jsonl release
+(val/<Category>/<subject>.jsonl) or the official ceval-exam CSV release (val/<subject>_val.csv).
+
+Results go to a JSON list of run records (--precision_output_file) and a CSV of the latest run beside it, rewritten
+after every subject; a run whose last record is unfinished and has the same setup resumes from it.
+CEVAL_MAX_NEW_TOKENS (default 512, the protocol) lowers the stage-1 budget, for quick checks only.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+import distributed
+from atomic import write_text_atomic
+from errors import InputError
+
+CHOICES = "ABCD"
+EXTRACTION_PROMPT = "综上所述，ABCD中正确的选项是："
+MAX_NEW_TOKENS = 512
+CSV_COLUMNS = ("id", "question", "A", "B", "C", "D", "answer")
+LAYOUT_HELP = ("expected THUDM's processed release (DATASET/val/<Category>/<subject>.jsonl) or the official "
+               "ceval-exam release (DATASET/val/<subject>_val.csv)")
+
+# C-Eval's subject_mapping.json (hkust-nlp/ceval): the 52 subjects and their categories. That file gives
+# clinical_medicine no category; C-Eval's leaderboard counts it under Other, and so does this table.
+SUBJECT_CATEGORY = {
+    **dict.fromkeys([
+        "computer_network", "operating_system", "computer_architecture", "college_programming", "college_physics",
+        "college_chemistry", "advanced_mathematics", "probability_and_statistics", "discrete_mathematics",
+        "electrical_engineer", "metrology_engineer", "high_school_mathematics", "high_school_physics",
+        "high_school_chemistry", "high_school_biology", "middle_school_mathematics", "middle_school_biology",
+        "middle_school_physics", "middle_school_chemistry", "veterinary_medicine"], "STEM"),
+    **dict.fromkeys([
+        "college_economics", "business_administration", "marxism", "mao_zedong_thought", "education_science",
+        "teacher_qualification", "high_school_politics", "high_school_geography", "middle_school_politics",
+        "middle_school_geography"], "Social Science"),
+    **dict.fromkeys([
+        "modern_chinese_history", "ideological_and_moral_cultivation", "logic", "law",
+        "chinese_language_and_literature", "art_studies", "professional_tour_guide", "legal_professional",
+        "high_school_chinese", "high_school_history", "middle_school_history"], "Humanities"),
+    **dict.fromkeys([
+        "civil_servant", "sports_science", "plant_protection", "basic_medicine", "clinical_medicine",
+        "urban_and_rural_planner", "accountant", "fire_engineer", "environmental_impact_assessment_engineer",
+        "tax_accountant", "physician"], "Other"),
+}
+
+
+@dataclass
+class Subject:
+    name: str
+    category: str
+    file: Path
+    questions: list[str]  # prompt text: the question, then "A. ..." to "D. ..." each on its own line
+    labels: list[int]     # 0..3 for A..D
+    skipped_lines: int
+
+
+def max_new_tokens_from_env() -> int:
+    value = os.environ.get("CEVAL_MAX_NEW_TOKENS", str(MAX_NEW_TOKENS))
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"CEVAL_MAX_NEW_TOKENS={value!r} is not a positive integer; unset it for the protocol's 512")
+    return int(value)
+
+
+def bad_line(file: Path, line: int, reason: str, skip_bad_lines: bool) -> None:
+    """Stop on a bad line (a score over silently fewer questions would mislead), or report it and go on."""
+    message = f"{file} line {line}: {reason}"
+    if not skip_bad_lines:
+        raise InputError(f"{message}; fix it, or pass --skip_bad_lines to skip such lines")
+    if distributed.is_rank0():
+        print(f"warning: skipped {message}", file=sys.stderr, flush=True)
+
+
+def parse_jsonl_line(line: str) -> tuple[str, int]:
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    text, label = record.get("inputs_pretokenized"), record.get("label")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("inputs_pretokenized is missing or empty")
+    if type(label) is not int or not 0 <= label < len(CHOICES):  # not bool, not 1.0
+        raise ValueError(f"label {label!r} is not 0, 1, 2 or 3")
+    return text, label
+
+
+def parse_csv_row(row: dict) -> tuple[str, int]:
+    # DictReader fills a short row with None, so None means a missing field
+    if any(row.get(column) is None for column in CSV_COLUMNS):
+        raise ValueError(f"the row has fewer fields than the header's {len(CSV_COLUMNS)}")
+    if not row["question"].strip():
+        raise ValueError("question is empty")
+    answer = row["answer"].strip()
+    if len(answer) != 1 or answer not in CHOICES:
+        raise ValueError(f"answer {row['answer']!r} is not A, B, C or D")
+    # The same text as THUDM's inputs_pretokenized: the question, then one option per line.
+    text = "\n".join([row["question"]] + [f"{letter}. {row[letter]}" for letter in CHOICES])
+    return text, CHOICES.index(answer)
+
+
+def read_jsonl(file: Path, skip_bad_lines: bool) -> tuple[list[tuple[str, int]], int]:
+    items, skipped = [], 0
+    with open(file, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(parse_jsonl_line(line))
+            except ValueError as error:  # json.JSONDecodeError is a ValueError
+                bad_line(file, number, str(error), skip_bad_lines)
+                skipped += 1
+    return items, skipped
+
+
+def read_csv(file: Path, skip_bad_lines: bool) -> tuple[list[tuple[str, int]], int]:
+    items, skipped = [], 0
+    with open(file, encoding="utf-8-sig", newline="") as text:
+        reader = csv.DictReader(text)
+        missing = [column for column in CSV_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(f"{file} line 1: the header lacks column(s) {', '.join(missing)}; "
+                             f"expected {','.join(CSV_COLUMNS)}")
+        start = reader.line_num + 1
+        for row in reader:  # a quoted field may span lines: report the line its record starts on
+            try:
+                items.append(parse_csv_row(row))
+            except ValueError as error:
+                bad_line(file, start, str(error), skip_bad_lines)
+                skipped += 1
+            start = reader.line_num + 1
+    return items, skipped
+
+
+def load_dataset(root: str | Path, skip_bad_lines: bool = False) -> tuple[str, list[Subject]]:
+    """The val split's subjects in file-name order, and the layout found ("jsonl" or "csv")."""
+    val = Path(root) / "val"
+    if not val.is_dir():
+        raise InputError(f"{val} does not exist; {LAYOUT_HELP}")
+    jsonl_files, csv_files = sorted(val.rglob("*.jsonl")), sorted(val.glob("*_val.csv"))
+    # Where both are present, the jsonl files win: they are what the reference reads.
+    layout, files = ("jsonl", jsonl_files) if jsonl_files else ("csv", csv_files)
+    if not files:
+        raise InputError(f"{val} holds no *.jsonl or *_val.csv files; {LAYOUT_HELP}")
+    subjects = {}
+    for file in files:
+        try:
+            # Subjects outside the official 52 take their jsonl folder as category, else Other.
+            if layout == "jsonl":
+                name, folder = file.stem, (file.parent.name.replace("_", " ") if file.parent != val else "Other")
+                items, skipped = read_jsonl(file, skip_bad_lines)
+            else:
+                name, folder = file.name.removesuffix("_val.csv"), "Other"
+                items, skipped = read_csv(file, skip_bad_lines)
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise InputError(f"{file} cannot be read as UTF-8 {layout}: {error}") from None
+        if name in subjects:
+            raise InputError(f"{file} and {subjects[name].file} are both subject {name}; keep one")
+        if items:  # an empty file has nothing to score
+            subjects[name] = Subject(name, SUBJECT_CATEGORY.get(name, folder), file, [q for q, _ in items],
+                                     [label for _, label in items], skipped)
+    if not subjects:
+        raise InputError(f"the files under {val} hold no questions")
+    return layout, list(subjects.values())
+
+
+def choice_token_ids(tokenizer) -> list[int]:
+    """As THUDM: the first token of each letter encoded on its own."""
+    return [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in CHOICES]
+
+
+def answer_batch(model, tokenizer, questions: list[str], max_new_tokens: int) -> tuple[list[int], int]:
+    """The two-stage protocol on one batch: predicted choice indices, and the stage-1 token budget used."""
+    inputs = tokenizer([tokenizer.build_prompt(question) for question in questions])
+    # Leave room in MAX_SEQ_LEN for the stage-2 suffix; rows are padded to the longest, so the cap is per batch.
+    suffix = len(tokenizer.encode("\n" + EXTRACTION_PROMPT, add_special_tokens=False))
+    width = inputs["input_ids"].shape[1]
+    budget = min(max_new_tokens, model.max_seq_len - width - suffix)
+    if budget < 1:
+        raise InputError(f"a question of {width} tokens leaves no room to answer under MAX_SEQ_LEN="
+                         f"{model.max_seq_len}; export MAX_SEQ_LEN={width + suffix + max_new_tokens}")
+    responses = [tokenizer.decode(row) for row in model.generate(**inputs, max_new_tokens=budget)]
+    # THUDM wraps question + response + extraction prompt in a fresh chat prompt (not the stage-1 prompt + response).
+    inputs = tokenizer([tokenizer.build_prompt(f"{question}{response}\n{EXTRACTION_PROMPT}")
+                        for question, response in zip(questions, responses)])
+    logits = model(**inputs)[:, -1, choice_token_ids(tokenizer)]
+    return logits.argmax(dim=-1).tolist(), budget
+
+
+def score(correct: int, total: int) -> dict:
+    return {"correct": correct, "total": total, "accuracy": correct / total}
+
+
+def summarize(record: dict) -> None:
+    """Per-category and overall (micro average: every question counts once) scores from the subjects done."""
+    categories = {}
+    for result in record["subjects"].values():
+        correct, total = categories.get(result["category"], (0, 0))
+        categories[result["category"]] = (correct + result["correct"], total + result["total"])
+    record["categories"] = {name: score(*counts) for name, counts in categories.items()}
+    record["overall"] = score(sum(c for c, _ in categories.values()), sum(t for _, t in categories.values()))
+
+
+def table_rows(record: dict) -> list[tuple[str, str, str, int, int, float]]:
+    """(level, name, category, correct, total, accuracy) for each subject, category and the overall score."""
+    rows = [("subject", name, r["category"], r["correct"], r["total"], r["accuracy"])
+            for name, r in record["subjects"].items()]
+    rows += [("category", name, name, r["correct"], r["total"], r["accuracy"])
+             for name, r in record["categories"].items()]
+    overall = record["overall"]
+    return rows + [("overall", "all", "", overall["correct"], overall["total"], overall["accuracy"])]
+
+
+def write_results(path: Path, records: list[dict]) -> None:
+    """The JSON list of runs, and the latest run as CSV (same stem); both replaced atomically."""
+    write_text_atomic(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["level", "name", "category", "correct", "total", "accuracy"])
+    writer.writerows(row[:5] + (f"{row[5]:.4f}",) for row in table_rows(records[-1]))
+    write_text_atomic(path.with_suffix(".csv"), text.getvalue())
+
+
+def print_table(record: dict) -> None:
+    print(f"\n{'':9}{'name':42}{'category':16}{'correct':>8}{'total':>7}{'accuracy':>10}")
+    for level, name, category, correct, total, accuracy in table_rows(record):
+        print(f"{level:9}{name:42}{category:16}{correct:8}{total:7}{accuracy:10.2%}")
+    print(flush=True)
+
+
+def load_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise InputError(f"{path} is not JSON ({error}); move it away or pass another --precision_output_file"
+                         ) from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "setup" in r for r in records):
+        raise InputError(f"{path} is not a list of C-Eval run records written by this tool; "
+                         f"move it away or pass another --precision_output_file")
+    return records
+
+
+def run_precision_dataset(args: argparse.Namespace, model, tokenizer) -> dict:
+    """Evaluate every val subject not already done, writing results after each; returns the run's record."""
+    rank0 = distributed.is_rank0()
+    max_new_tokens = max_new_tokens_from_env()
+    layout, subjects = load_dataset(args.ceval_dataset, args.skip_bad_lines)
+    output = Path(args.precision_output_file)
+    setup = {"dataset": str(Path(args.ceval_dataset).resolve()), "layout": layout,
+             "model_path": str(Path(args.model_path).resolve()), "dtype": str(model.dtype).removeprefix("torch."),
+             "max_new_tokens": max_new_tokens, "max_seq_len": model.max_seq_len}
+    # Every rank reads the file, so all take the same resume decision; rank 0 rewrites it only after a subject's
+    # collectives, which the other ranks join after this read.
+    records = load_records(output)
+    if records and records[-1]["setup"] == setup and not records[-1].get("complete"):
+        record = records[-1]
+    else:
+        record = {"setup": setup, "complete": False, "subjects": {}}
+        records.append(record)
+    record.update(batch=args.batch, tp_size=args.tp_size)
+    results = {s.name: record["subjects"][s.name] for s in subjects
+               if record["subjects"].get(s.name, {}).get("total") == len(s.questions)}
+    todo = [s for s in subjects if s.name not in results]
+    if rank0:
+        print(f"C-Eval val ({layout}): {len(subjects)} subjects, {sum(len(s.questions) for s in subjects)} questions"
+              + (f"; resuming {output}: {len(results)} subject(s) already done" if results else ""), flush=True)
+
+    def save() -> None:
+        record["subjects"] = {s.name: results[s.name] for s in subjects if s.name in results}
+        record["complete"] = len(results) == len(subjects)
+        summarize(record)
+        if rank0:
+            write_results(output, records)
+
+    correct_so_far = sum(r["correct"] for r in results.values())
+    total_so_far = sum(r["total"] for r in results.values())
+    bar = tqdm(total=sum(len(s.questions) for s in todo), desc="C-Eval", unit="q", disable=not rank0)
+    capped = False
+    for subject in todo:
+        predictions = []
+        for start in range(0, len(subject.questions), args.batch):
+            batch_predictions, budget = answer_batch(model, tokenizer, subject.questions[start:start + args.batch],
+                                                     max_new_tokens)
+            if budget < max_new_tokens and not capped and rank0:
+                capped = True
+                tqdm.write(f"warning: MAX_SEQ_LEN={model.max_seq_len} cuts generation to {budget} < {max_new_tokens} "
+                           f"tokens (per batch, so answers may depend on --batch); raise MAX_SEQ_LEN for the protocol")
+            correct_so_far += sum(p == label for p, label in zip(batch_predictions, subject.labels[start:]))
+            total_so_far += len(batch_predictions)
+            predictions += batch_predictions
+            bar.update(len(batch_predictions))
+            bar.set_postfix(acc=f"{correct_so_far / total_so_far:.2%}")
+        correct = sum(p == label for p, label in zip(predictions, subject.labels))
+        results[subject.name] = {
+            "category": subject.category, "file": str(subject.file.relative_to(args.ceval_dataset)),
+            **score(correct, len(predictions)), "skipped_lines": subject.skipped_lines,
+            "predictions": "".join(CHOICES[p] for p in predictions)}  # one letter per question, in file order
+        if rank0:
+            tqdm.write(f"{subject.name}: {correct}/{len(predictions)} = {correct / len(predictions):.2%}")
+        save()  # after every subject, so that an interrupted run resumes from here
+    bar.close()
+    if not todo:  # an unfinished record whose subjects are all done: finish it
+        save()
+    if rank0:
+        print_table(record)
+        overall = record["overall"]
+        print(f"C-Eval val accuracy: {overall['accuracy']:.2%} ({overall['correct']}/{overall['total']}); "
+              f"results in {output} and {output.with_suffix('.csv')}", flush=True)
+    return record
