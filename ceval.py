@@ -193,7 +193,7 @@ def answer_batch(model, tokenizer, questions: list[str], max_new_tokens: int) ->
     # THUDM wraps question + response + extraction prompt in a fresh chat prompt (not the stage-1 prompt + response).
     inputs = tokenizer([tokenizer.build_prompt(f"{question}{response}\n{EXTRACTION_PROMPT}")
                         for question, response in zip(questions, responses)])
-    logits = model(**inputs)[:, -1, choice_token_ids(tokenizer)]
+    logits = model(**inputs, last_logit_only=True)[:, -1, choice_token_ids(tokenizer)]
     return logits.argmax(dim=-1).tolist(), budget
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import InputError
@@ -139,3 +140,36 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
         return _torch_npu().npu_swiglu(x, dim=-1)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class PackedLinear(nn.Module):
+    """A CPU linear layer whose weight is kept in oneDNN's prepacked (blocked) layout.
+
+    With plain F.linear a one-token decode step reads bf16 weights at well under half the memory bandwidth; the
+    prepacked layout reads them at about full bandwidth and is no slower for prefill. Results equal F.linear.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # Packed for one row per call: the decode step of batch 1, the case bounded by weight reads.
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
+                                   requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def can_pack_linear(weight: torch.Tensor) -> bool:
+    packable = (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+    return weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and weight.dtype in packable
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Swap every plain nn.Linear inside `module` for a PackedLinear where the CPU supports it."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear and can_pack_linear(child.weight):
+            setattr(module, name, PackedLinear(child))
+        else:
+            pack_linears(child)

@@ -213,6 +213,7 @@ class ChatGLM2ForCausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config, tp_rank, tp_size, max_seq_len or max_seq_len_from_env())
         model._load_weights(weights_dir, device, dtype, show_progress)
+        fused_ops.pack_linears(model)  # last: only plain float nn.Linear layers are repacked
         return model.eval()
 
     def _load_weights(self, weights_dir: Path, device: torch.device, dtype: torch.dtype, show_progress: bool) -> None:
@@ -242,11 +243,11 @@ class ChatGLM2ForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.output_layer.weight.device
+        return self.transformer.embedding.word_embeddings.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.output_layer.weight.dtype
+        return self.transformer.embedding.word_embeddings.weight.dtype
 
     def _hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_valid: torch.Tensor,
                        has_padding: bool, start: int, use_cache: bool) -> torch.Tensor:
@@ -269,15 +270,17 @@ class ChatGLM2ForCausalLM(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [batch, seq, vocab] in fp32, without a KV cache (for scoring)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                last_logit_only: bool = False) -> torch.Tensor:
+        """Logits [batch, seq, vocab] in fp32, without a KV cache (for scoring); [batch, 1, vocab] for the last
+        position only with last_logit_only, which spares the vocabulary projection of every other position."""
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         if input_ids.shape[1] > self.max_seq_len:
             raise InputError(f"input of {input_ids.shape[1]} tokens exceeds MAX_SEQ_LEN={self.max_seq_len}; "
                              f"shorten it or export MAX_SEQ_LEN={input_ids.shape[1]}")
         hidden = self._hidden_states(input_ids, self._position_ids(mask), mask.bool(), not bool(mask.all()), 0, False)
-        return self._logits(hidden)
+        return self._logits(hidden[:, -1:] if last_logit_only else hidden)
 
     def _ensure_kv_cache(self, batch: int) -> None:
         """One preallocated cache [layers, K/V, batch, kv_groups, MAX_SEQ_LEN, head_dim], kept between calls."""
