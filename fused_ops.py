@@ -142,6 +142,27 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def quant_matmul(x_q: torch.Tensor, quant_weight_t: torch.Tensor, quant_bias: torch.Tensor, deq_scale: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """(x_q @ quant_weight_t + quant_bias) * deq_scale with int8 x int8 -> int32 products.
+
+    x_q: int8 [m, k]; quant_weight_t: int8 [k, n] (the transposed view of the stored [n, k] weight); quant_bias:
+    int32 [n]; deq_scale: fp32 [n]. Returns out_dtype [m, n].
+    """
+    if x_q.device.type == "npu":
+        # npu_quant_matmul takes an fp32 scale for bf16 output, but wants it recoded to int64 for fp16 output
+        scale = _torch_npu().npu_trans_quant_param(deq_scale) if out_dtype == torch.float16 else deq_scale
+        return _torch_npu().npu_quant_matmul(x_q, quant_weight_t, scale, bias=quant_bias, output_dtype=out_dtype)
+    m, k = x_q.shape
+    if x_q.device.type == "cuda" and (k % 8 or quant_weight_t.shape[1] % 8):
+        acc = x_q.double() @ quant_weight_t.double()  # cuBLASLt int8 needs k, n % 8 == 0; float64 is still exact here
+    elif x_q.device.type == "cuda" and m <= 16:
+        acc = torch._int_mm(F.pad(x_q, (0, 0, 0, 17 - m)), quant_weight_t)[:m]  # and more than 16 rows
+    else:
+        acc = torch._int_mm(x_q, quant_weight_t)
+    return ((acc + quant_bias).float() * deq_scale).to(out_dtype)
+
+
 class PackedLinear(nn.Module):
     """A CPU linear layer whose weight is kept in oneDNN's prepacked (blocked) layout.
 

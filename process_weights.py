@@ -2,11 +2,14 @@
 
     python process_weights.py --model_path CKPT --tp_size 2
     torchrun --nproc_per_node 2 --master_port 2000 main.py --mode cli_demo --model_path CKPT --tp_size 2
+
+With ENABLE_QUANT=1 it also cuts the W8A8 weights in QUANT_WEIGHT_PATH into QUANT_WEIGHT_PATH/tp{N}/ (tp_size 1 too).
 """
 import argparse
 
 from cli import ArgumentParser
 from errors import run_cli
+from quantization import quant_path_from_env, write_quant_parts
 from tensor_parallel import write_tp_parts
 
 
@@ -19,13 +22,18 @@ def main() -> None:
                         help="folder for tensor_parallel_tp{N}/ (default: inside --model_path, as the reference); "
                              "then pass this folder to main.py --model_path")
     args = parser.parse_args()
-    if args.tp_size == 1:
-        print("tp_size 1: a single card loads the float checkpoint directly; nothing to split")
-        return
     if args.tp_size < 1:
         parser.error(f"--tp_size must be at least 1, got {args.tp_size}")
-    root = write_tp_parts(args.model_path, args.tp_size, args.output_path)
-    print(f"wrote {args.tp_size} parts under {root}")
+    quant_path = quant_path_from_env()
+    if args.tp_size == 1 and not quant_path:
+        print("tp_size 1: a single card loads the float checkpoint directly; nothing to split")
+        return
+    if args.tp_size > 1:
+        root = write_tp_parts(args.model_path, args.tp_size, args.output_path)
+        print(f"wrote {args.tp_size} parts under {root}")
+    if quant_path:
+        root = write_quant_parts(args.model_path, quant_path, args.tp_size)
+        print(f"wrote {args.tp_size} quantized parts under {root}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,335 @@
+"""W8A8: export_quant_weight.py, process_weights.py and main.py with ENABLE_QUANT=1 as a user runs them."""
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import quantization
+from checkpoint import iter_tensors
+from conftest import PROMPTS, ROOT, run_env
+from errors import InputError
+from modeling_chatglm_ascend import ChatGLM2Config, ChatGLM2ForCausalLM, ChatGLM2Tokenizer
+from quantization import FILE_NAMES, NORM_FILE, QuantLinear, RangeObserver
+from tensor_parallel import join_tensor
+from test_tensor_parallel import torchrun
+
+QUESTIONS = ["教师职业道德的核心是____。\nA. 爱岗敬业\nB. 关爱学生\nC. 教书育人\nD. 为人师表",
+             "我国第一部教育学著作是____。\nA. 《学记》\nB. 《论语》\nC. 《大学》\nD. 《中庸》",
+             "今天天气晴朗，适合户外活动，那么学生课外活动的组织形式不包括____。\nA. 群众性活动\nB. 小组活动\nC. 个人活动\nD. 考试"]
+LAYERS = [f"transformer.encoder.layers.1.{name}" for name in quantization.LINEARS]  # layer 0 is float_layers_id
+
+
+def run(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=300,
+                          env=run_env(**env))
+
+
+def quant_env(quant_dir: Path) -> dict:
+    return {"ENABLE_QUANT": "1", "QUANT_WEIGHT_PATH": str(quant_dir)}
+
+
+def write_calibration(path: Path) -> Path:
+    lines = [json.dumps({"inputs_pretokenized": q, "label": i % 4}, ensure_ascii=False) for i, q in enumerate(QUESTIONS)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ckpt, tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint copy, quantized weights) after the seed's three commands: export, then process_weights for tp 1 and 2."""
+    root = tmp_path_factory.mktemp("quant")
+    ckpt, quant_dir = root / "ckpt", root / "quant"
+    shutil.copytree(tiny_ckpt, ckpt)
+    dataset = write_calibration(root / "CEval" / "val" / "Social_Science" / "teacher_qualification.jsonl")
+    export = run("export_quant_weight.py", "--float_weight", str(ckpt), "--data_path", str(dataset),
+                 "--quant_weight", str(quant_dir))
+    assert export.returncode == 0, export.stderr
+    for tp_size in (1, 2):
+        split = run("process_weights.py", "--model_path", str(ckpt), "--tp_size", str(tp_size), **quant_env(quant_dir))
+        assert split.returncode == 0, split.stderr
+    return ckpt, quant_dir
+
+
+def arrays(quant_dir: Path, name: str) -> dict[str, np.ndarray]:
+    return load_file(quant_dir / f"{name}.safetensors")
+
+
+def test_export_writes_the_eight_dicts(setup):
+    ckpt, quant_dir = setup
+    float_weights = dict(iter_tensors(ckpt))
+    files = {name: arrays(quant_dir, name) for name in FILE_NAMES}
+    norms = arrays(quant_dir, NORM_FILE)
+    for name in FILE_NAMES + (NORM_FILE,):
+        pickled = np.load(quant_dir / f"{name}.npy", allow_pickle=True).item()  # np.load reads them, as modelslim's
+        expected = norms if name == NORM_FILE else files[name]
+        assert pickled.keys() == expected.keys() and all(np.array_equal(pickled[k], expected[k]) for k in pickled)
+    for layer in LAYERS:
+        f = {name: files[name][layer] for name in FILE_NAMES}
+        out_features, in_features = float_weights[layer + ".weight"].shape
+        assert f["quant_weight"].dtype == np.int8 and f["quant_weight"].shape == (out_features, in_features)
+        assert f["quant_bias"].dtype == np.int32
+        for name in ("weight_scale", "weight_offset", "deq_scale", "fp_bias", "quant_bias"):
+            assert f[name].shape == (out_features,), name
+        assert f["input_scale"].dtype == f["input_offset"].dtype == np.float32
+        assert f["input_scale"].shape == f["input_offset"].shape == (1,)
+        assert f["input_offset"][0] == round(f["input_offset"][0]) and -128 <= f["input_offset"][0] <= 127
+        assert not f["weight_offset"].any()
+        assert np.array_equal(f["deq_scale"], (f["input_scale"] * f["weight_scale"]).astype(np.float32))
+        bias = float_weights.get(layer + ".bias", torch.zeros(out_features)).float().numpy()
+        assert np.array_equal(f["fp_bias"], bias)
+        expected = np.round(bias / f["deq_scale"].astype(np.float64)
+                            - f["input_offset"][0] * f["quant_weight"].astype(np.int64).sum(1))
+        assert np.abs(f["quant_bias"] - expected).max() <= 1
+        # with smoothing, quant_weight * weight_scale is the weight with its input channels scaled by s = old / new norm
+        norm = {"query_key_value": "input_layernorm", "dense_h_to_4h": "post_attention_layernorm"}.get(layer.split(".")[-1])
+        scales = np.ones(in_features, np.float32)
+        if norm:
+            prefix = layer.rsplit(".", 2)[0]
+            scales = float_weights[f"{prefix}.{norm}.weight"].float().numpy() / norms[f"{prefix}.{norm}"]
+            assert np.abs(scales - 1).max() > 0.01  # smoothing did something
+        weight = float_weights[layer + ".weight"].float().numpy() * scales
+        error = np.abs(f["quant_weight"] * f["weight_scale"][:, None] - weight)
+        assert (error <= f["weight_scale"][:, None] * 0.5 + 1e-6).all()
+    assert set(files["quant_weight"]) == set(LAYERS)
+    assert set(norms) == {"transformer.encoder.layers.1.input_layernorm", "transformer.encoder.layers.1.post_attention_layernorm"}
+
+
+class FakeQuant(torch.nn.Module):
+    """The formulas written out in float64: what QuantLinear must compute."""
+
+    def __init__(self, quant_dir: Path, layer: str):
+        super().__init__()
+        f = {name: torch.from_numpy(arrays(quant_dir, name)[layer]) for name in FILE_NAMES}
+        self.weight, self.bias, self.deq_scale = f["quant_weight"].double(), f["quant_bias"].double(), f["deq_scale"].double()
+        self.scale, self.offset = float(f["input_scale"][0]), float(f["input_offset"][0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_q = torch.clamp(torch.round(x / self.scale + self.offset), -128, 127)
+        return ((x_q.double() @ self.weight.T + self.bias) * self.deq_scale).to(x.dtype)
+
+
+def fake_quant_model(ckpt: Path, quant_dir: Path) -> ChatGLM2ForCausalLM:
+    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+    for layer in LAYERS:
+        parent, _, child = layer.rpartition(".")
+        setattr(model.get_submodule(parent), child, FakeQuant(quant_dir, layer))
+    for name, weight in arrays(quant_dir, NORM_FILE).items():
+        model.get_submodule(name).weight = torch.nn.Parameter(torch.from_numpy(weight), requires_grad=False)
+    return model
+
+
+def test_quantized_model_equals_the_fake_quant_formulas(setup, monkeypatch):
+    ckpt, quant_dir = setup
+    tokenizer = ChatGLM2Tokenizer.from_pretrained(ckpt)
+    batch = tokenizer(PROMPTS)
+    real = batch["attention_mask"].bool()
+    expected = fake_quant_model(ckpt, quant_dir)
+    float_logits = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)(**batch)
+    monkeypatch.setenv("ENABLE_QUANT", "1")
+    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(quant_dir))
+    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+    assert all(isinstance(model.get_submodule(layer), QuantLinear) for layer in LAYERS)
+    assert not any(isinstance(m, QuantLinear) for m in model.transformer.encoder.layers[0].modules())
+    assert not isinstance(model.transformer.output_layer, QuantLinear)
+
+    layer = model.get_submodule(LAYERS[0])  # one layer on its own: the int8 kernel against exact integer arithmetic
+    x = torch.randn(5, layer.in_features) * 3
+    x_q = torch.clamp(torch.round(x / layer.input_scale + layer.input_offset), -128, 127).long()
+    exact = ((x_q @ layer.weight.long().T + layer.quant_bias).float() * layer.deq_scale)
+    assert torch.equal(layer(x), exact)
+
+    logits = model(**batch)
+    assert (logits[real] - expected(**batch)[real]).abs().max().item() < 1e-4
+    assert (logits[real] - float_logits[real]).abs().max().item() > 1e-4  # it does quantize
+    assert torch.equal(model.generate(**batch, max_new_tokens=8), expected.generate(**batch, max_new_tokens=8))
+
+
+def test_tp_parts_follow_the_tensor_parallel_rules(setup):
+    ckpt, quant_dir = setup
+    config = ChatGLM2Config.from_dict(json.loads((ckpt / "config.json").read_text()))
+    parts = {name: [arrays(quant_dir / "tp2", f"{name}{rank}") for rank in range(2)] for name in quantization.PART_NAMES}
+    for layer in LAYERS:
+        weights = [torch.from_numpy(part[layer]) for part in parts["quant_weight"]]
+        assert torch.equal(join_tensor(layer + ".weight", weights, config),
+                           torch.from_numpy(arrays(quant_dir, "quant_weight")[layer]))
+        biases, deq_scales = ([torch.from_numpy(part[layer]) for part in parts[name]] for name in ("new_bias", "new_deq_scale"))
+        full_bias, full_deq = (torch.from_numpy(arrays(quant_dir, name)[layer]) for name in ("quant_bias", "deq_scale"))
+        if layer.endswith(("self_attention.dense", "dense_4h_to_h")):  # row parallel
+            assert torch.equal(biases[0], full_bias) and not biases[1].any()
+            assert all(torch.equal(d, full_deq) for d in deq_scales)
+        else:
+            assert torch.equal(join_tensor(layer + ".bias", biases, config), full_bias)
+            assert torch.equal(join_tensor(layer + ".bias", deq_scales, config), full_deq)
+
+
+def test_torchrun_tp2_equals_tp1(setup, tmp_path, monkeypatch):
+    ckpt, quant_dir = setup
+    result = torchrun(2, "tests/tp_worker.py", str(ckpt), "2", str(tmp_path), **quant_env(quant_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    monkeypatch.setenv("ENABLE_QUANT", "1")
+    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(quant_dir))
+    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+    batch = ChatGLM2Tokenizer.from_pretrained(ckpt)(PROMPTS)
+    real = batch["attention_mask"].bool()
+    assert (ranks[0]["logits"][real] - model(**batch)[real]).abs().max().item() < 1e-4
+    assert torch.equal(ranks[0]["greedy"], model.generate(**batch, max_new_tokens=12))
+    assert torch.equal(ranks[1]["greedy"], ranks[0]["greedy"]) and torch.equal(ranks[1]["sampled"], ranks[0]["sampled"])
+
+
+def test_every_main_mode_runs_quantized(setup, tmp_path):
+    ckpt, quant_dir = setup
+    env = quant_env(quant_dir)
+    single = run("main.py", "--mode", "precision_single", "--model_path", str(ckpt), "--batch", "2", MAX_SEQ_LEN="120",
+                 **env)
+    assert single.returncode == 0, single.stderr
+    assert len([line for line in single.stdout.splitlines() if line.startswith("[batch")]) == 2
+
+    chat = run("main.py", "--mode", "cli_demo", "--model_path", str(ckpt), stdin="你好\nclear\n再见\n", MAX_SEQ_LEN="120",
+               **env)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("ChatGLM：") == 2
+
+    dataset = write_calibration(tmp_path / "CEval" / "val" / "Social_Science" / "teacher_qualification.jsonl")
+    ceval = run("main.py", "--mode", "precision_dataset", "--model_path", str(ckpt), "--ceval_dataset",
+                str(dataset.parents[2]), "--precision_output_file", str(tmp_path / "result.json"),
+                CEVAL_MAX_NEW_TOKENS="4", **env)
+    assert ceval.returncode == 0, ceval.stderr
+    assert json.loads((tmp_path / "result.json").read_text())
+
+    if (ROOT / "performance.py").exists():
+        csv = tmp_path / "performance.csv"
+        performance = run("main.py", "--mode", "performance", "--model_path", str(ckpt), "--seqlen_in_pair", "16",
+                          "--seqlen_out_pair", "4", "--performance_output_file", str(csv), **env)
+        assert performance.returncode == 0, performance.stderr
+        assert len(csv.read_text().splitlines()) == 2
+
+
+def test_files_written_by_modelslim_load(setup, tmp_path, monkeypatch):
+    """np.save'd dicts only (pickle protocol 4, no safetensors) with deq_scale as the int64 form of the fp32 bits."""
+    ckpt, quant_dir = setup
+    modelslim = tmp_path / "modelslim"
+    modelslim.mkdir()
+    for name in FILE_NAMES:
+        values = arrays(quant_dir, name)
+        if name == "deq_scale":
+            values = {key: value.view(np.int32).astype(np.int64) for key, value in values.items()}  # sign-extended
+        np.save(modelslim / f"{name}.npy", values, allow_pickle=True)
+    shutil.copy(quant_dir / f"{NORM_FILE}.npy", modelslim)
+    quantization.write_quant_parts(ckpt, modelslim, 1, show_progress=False)
+    monkeypatch.setenv("ENABLE_QUANT", "1")
+    batch = ChatGLM2Tokenizer.from_pretrained(ckpt)(PROMPTS)
+    logits = {}
+    for path in (quant_dir, modelslim):
+        monkeypatch.setenv("QUANT_WEIGHT_PATH", str(path))
+        logits[path] = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)(**batch)
+    assert torch.equal(logits[quant_dir], logits[modelslim])
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickles_that_would_run_code_are_refused(tmp_path):
+    payload = RunsCode()
+    payload.marker = str(tmp_path / "pwned")
+    holder = np.empty((), dtype=object)
+    holder[()] = {"transformer.encoder.layers.1.mlp.dense_4h_to_h": payload}
+    with open(tmp_path / "input_scale.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(holder))
+        pickle.dump(holder, f, protocol=4)
+    with pytest.raises(InputError, match="pathlib.*refusing to load it"):
+        quantization.read_dict(tmp_path, "input_scale")
+    assert not (tmp_path / "pwned").exists()
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    with pytest.raises(InputError, match="not the dict of arrays"):
+        quantization.read_dict(tmp_path, "plain")
+
+
+def broken_copy(quant_dir: Path, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    shutil.copytree(quant_dir, path)
+    return path
+
+
+def test_bad_quantized_weights_give_one_clear_error(setup, tmp_path, monkeypatch):
+    ckpt, quant_dir = setup
+    monkeypatch.setenv("ENABLE_QUANT", "1")
+    monkeypatch.delenv("QUANT_WEIGHT_PATH", raising=False)
+    with pytest.raises(InputError, match="ENABLE_QUANT=1 needs QUANT_WEIGHT_PATH"):
+        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+
+    missing = broken_copy(quant_dir, tmp_path, "missing")
+    (missing / "weight_offset.npy").unlink()
+    (missing / "weight_offset.safetensors").unlink()
+    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(missing))
+    with pytest.raises(InputError, match="lacks weight_offset.npy"):
+        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+
+    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(quant_dir))
+    with pytest.raises(InputError, match=r"no quantized parts for tp_size 4 \(only tp1, tp2\)"):
+        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", tp_size=4)
+
+    other_tp = broken_copy(quant_dir, tmp_path, "other_tp")
+    shutil.rmtree(other_tp / "tp1")
+    (other_tp / "tp2").rename(other_tp / "tp1")
+    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(other_tp))
+    with pytest.raises(InputError, match="written for tp_size 2"):
+        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+
+    for case, change, message in [
+            ("no_layer", lambda d: d.pop(LAYERS[2]), "has no entry for transformer.encoder.layers.1.mlp.dense_h_to_4h"),
+            ("bad_shape", lambda d: d.update({LAYERS[1]: d[LAYERS[1]][:, :32]}), r"has shape \(64, 32\) but")]:
+        broken = broken_copy(quant_dir, tmp_path, case)
+        weights = dict(arrays(broken, "quant_weight"))
+        change(weights)
+        quantization.write_dict(broken, "quant_weight", weights)
+        with pytest.raises(InputError, match=message):
+            quantization.write_quant_parts(ckpt, broken, 1, show_progress=False)
+        monkeypatch.setenv("QUANT_WEIGHT_PATH", str(broken))  # the old parts no longer match the files
+        with pytest.raises(InputError, match="cut from other quantized weights"):
+            ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+
+    result = run("main.py", "--mode", "precision_single", "--model_path", str(ckpt), ENABLE_QUANT="1",
+                 QUANT_WEIGHT_PATH=str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: QUANT_WEIGHT_PATH") and "does not exist" in result.stderr
+
+
+def test_export_flags(setup, tmp_path):
+    ckpt, _ = setup
+    dataset = write_calibration(tmp_path / "calib.jsonl")
+    sparse = run("export_quant_weight.py", "--float_weight", str(ckpt), "--data_path", str(dataset), "--quant_weight",
+                 str(tmp_path / "q"), "--sparse")
+    assert sparse.returncode == 2 and "not implemented yet" in sparse.stderr and not (tmp_path / "q").exists()
+    plain = run("export_quant_weight.py", "--float_weight", str(ckpt), "--data_path", str(dataset), "--quant_weight",
+                str(tmp_path / "q"), "--no-smooth", "--act_method", "percentile", "--percentile", "99.9")
+    assert plain.returncode == 0, plain.stderr
+    assert not quantization.missing_files(tmp_path / "q") and quantization.dict_file(tmp_path / "q", NORM_FILE) is None
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="holds no quantized weights"):
+        quantization.write_quant_dir(tmp_path / "precious", {name: {} for name in FILE_NAMES})
+    assert (tmp_path / "precious" / "notes.txt").exists()
+
+
+def test_range_observers():
+    values = torch.randn(1000, 50)
+    minmax = RangeObserver(values.numel())
+    percentile = RangeObserver(values.numel(), percentile=99.9)
+    for chunk in values.split(300):
+        minmax.observe(chunk)
+        percentile.observe(chunk)
+    ordered = values.flatten().sort().values
+    assert minmax.range() == (ordered[0].item(), ordered[-1].item())
+    keep = 50  # 0.1% of 50,000 values on each side
+    assert percentile.range() == (ordered[keep - 1].item(), ordered[-keep].item())
