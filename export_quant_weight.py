@@ -7,7 +7,8 @@
     python main.py --mode precision_single --model_path CKPT
 
 The prompts are the chat prompts of the file's questions (C-Eval jsonl, or the official CSV). The layers of
-config.json's float_layers_id and output_layer stay float.
+config.json's float_layers_id and output_layer stay float. --sparse prunes each weight (Wanda: lowest |W_ij| * ||X_j||
+per output row, after smoothing) before quantizing it; then compress with generate_compress_weight.py.
 """
 import argparse
 from pathlib import Path
@@ -36,7 +37,12 @@ def main() -> None:
     parser.add_argument("--float_weight", required=True, help="the float checkpoint folder (Hugging Face layout)")
     parser.add_argument("--data_path", required=True, help="calibration questions: a C-Eval .jsonl or _val.csv file")
     parser.add_argument("--quant_weight", required=True, help="folder to write (replaced if it holds quantized weights)")
-    parser.add_argument("--sparse", action="store_true", help="sparse quantization (not implemented yet)")
+    parser.add_argument("--sparse", action="store_true",
+                        help="sparse quantization: prune (Wanda) before quantizing, for generate_compress_weight.py")
+    parser.add_argument("--sparse_pattern", choices=("unstructured", "2:4"), default=None,
+                        help="with --sparse: per-row unstructured (default) or 2 of every 4 consecutive inputs")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="with --sparse, unstructured: the fraction of each row's weights to zero (default 0.5)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
                         help="SmoothQuant outlier smoothing of query_key_value and dense_h_to_4h (default: on)")
     parser.add_argument("--smooth_alpha", type=float, default=0.5,
@@ -49,8 +55,12 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=fused_ops.DEVICE_KINDS,
                         help="device kind for calibration; auto picks NPU, else CUDA, else CPU")
     args = parser.parse_args()
-    if args.sparse:
-        raise InputError("--sparse (sparse quantization) is not implemented yet; leave it out for W8A8 quantization")
+    if not args.sparse and (args.sparse_pattern or args.sparsity is not None):
+        raise InputError("--sparse_pattern and --sparsity need --sparse")
+    if args.sparse_pattern == "2:4" and args.sparsity is not None:
+        raise InputError("--sparsity does not apply to --sparse_pattern 2:4, which zeros half of the weights")
+    if args.sparsity is not None and not 0 < args.sparsity < 1:
+        raise InputError(f"--sparsity must be between 0 and 1, got {args.sparsity}")
     if not 0 < args.smooth_alpha < 1:
         raise InputError(f"--smooth_alpha must be between 0 and 1, got {args.smooth_alpha}")
     if not 50 < args.percentile <= 100:
@@ -62,8 +72,11 @@ def main() -> None:
     prompts = calibration_prompts(args.data_path, tokenizer, args.num_samples)
     quantization.export(args.float_weight, prompts, args.quant_weight, smooth=args.smooth, alpha=args.smooth_alpha,
                         percentile=args.percentile if args.act_method == "percentile" else None,
-                        device=fused_ops.select_device(args.backend))
-    print(f"wrote the W8A8 weights of {args.float_weight} ({len(prompts)} calibration prompts) to {args.quant_weight}")
+                        device=fused_ops.select_device(args.backend),
+                        sparse_pattern=(args.sparse_pattern or "unstructured") if args.sparse else None,
+                        sparsity=0.5 if args.sparsity is None else args.sparsity)
+    print(f"wrote the {'sparse ' if args.sparse else ''}W8A8 weights of {args.float_weight} ({len(prompts)} calibration "
+          f"prompts) to {args.quant_weight}")
 
 
 if __name__ == "__main__":

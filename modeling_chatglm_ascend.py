@@ -17,6 +17,7 @@ import distributed
 import fused_ops
 import quantization
 import sampling
+import sparse_compress
 from checkpoint import iter_tensors, read_config, weight_files
 from errors import InputError
 from tensor_parallel import check_tp_config, part_model_dir
@@ -211,12 +212,14 @@ class ChatGLM2ForCausalLM(nn.Module):
         config = ChatGLM2Config.from_dict(read_config(path))
         check_tp_config(config, tp_size)
         quant_path = quantization.inference_quant_path(path, tp_size)  # ENABLE_QUANT: checked before the long float load
+        compress_path = sparse_compress.inference_compress_path(quant_path, tp_size)  # ENABLE_SPARSE: likewise
         weights_dir = part_model_dir(path, tp_size, tp_rank) if tp_size > 1 else Path(path)
         with torch.device("meta"):
             model = cls(config, tp_rank, tp_size, max_seq_len or max_seq_len_from_env())
         model._load_weights(weights_dir, device, dtype, show_progress)
         if quant_path:
-            quantization.quantize_model(model, quant_path)
+            quant_weights = compress_path and sparse_compress.rank_weights(compress_path, quant_path, tp_rank, tp_size)
+            quantization.quantize_model(model, quant_path, quant_weights)
         fused_ops.pack_linears(model)  # last: only plain float nn.Linear layers are repacked
         return model.eval()
 

@@ -3,7 +3,8 @@
     python process_weights.py --model_path CKPT --tp_size 2
     torchrun --nproc_per_node 2 --master_port 2000 main.py --mode cli_demo --model_path CKPT --tp_size 2
 
-With ENABLE_QUANT=1 it also cuts the W8A8 weights in QUANT_WEIGHT_PATH into QUANT_WEIGHT_PATH/tp{N}/ (tp_size 1 too).
+With ENABLE_QUANT=1 (or ENABLE_SPARSE=1) it also cuts the W8A8 weights in QUANT_WEIGHT_PATH into
+QUANT_WEIGHT_PATH/tp{N}/ (tp_size 1 too); for ENABLE_SPARSE, run generate_compress_weight.py on them next.
 """
 import argparse
 

@@ -185,15 +185,20 @@ def check_quant_files(quant_path: Path) -> None:
                          f"export_quant_weight.py writes")
 
 
-def quant_fingerprint(quant_path: Path) -> str:
-    """Identifies the eight files the TP parts were cut from: names, sizes and times."""
+def files_fingerprint(directory: Path, names: tuple[str, ...]) -> str:
+    """Identifies the dict files `names` in directory (both forms) by names, sizes and times, without reading them."""
     digest = hashlib.sha256()
-    for name in FILE_NAMES:
+    for name in names:
         for suffix in (".safetensors", ".npy"):
-            file = quant_path / f"{name}{suffix}"
+            file = directory / f"{name}{suffix}"
             if file.is_file():
                 digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns};".encode())
     return digest.hexdigest()[:16]
+
+
+def quant_fingerprint(quant_path: Path) -> str:
+    """Identifies the eight files the TP parts were cut from."""
+    return files_fingerprint(quant_path, FILE_NAMES)
 
 
 # ----------------------------------------------------------------------------------------------------------- math
@@ -238,6 +243,24 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, low: float,
             "deq_scale": deq_scale.numpy(), "quant_bias": quant_bias.numpy(), "fp_bias": fp_bias.numpy()}
 
 
+def prune_weight(weight: torch.Tensor, input_norms: torch.Tensor, pattern: str, sparsity: float = 0.5) -> torch.Tensor:
+    """Wanda: zero the weights of lowest score |W_ij| * ||X_j|| (X_j: input channel j over the calibration tokens),
+    compared within each output row, with no weight update. pattern "unstructured" zeros round(sparsity * in) per row;
+    "2:4" zeros 2 of every 4 consecutive inputs (the pattern sparse int8 kernels take; sparsity is then 0.5)."""
+    out_features, in_features = weight.shape
+    score = weight.abs() * input_norms[None, :]
+    if pattern == "2:4":
+        if in_features % 4:
+            raise InputError(f"2:4 sparsity needs input sizes divisible by 4; a layer has {in_features}")
+        groups = score.reshape(out_features, in_features // 4, 4)
+        drop = groups.topk(2, dim=-1, largest=False).indices
+        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False).reshape(out_features, in_features)
+    else:
+        drop = score.topk(round(sparsity * in_features), dim=1, largest=False).indices
+        keep = torch.ones_like(score, dtype=torch.bool).scatter_(1, drop, False)
+    return weight * keep
+
+
 def smooth_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha); X / s and W * s compute the same product, with the
     activation outliers moved into the weights, which are quantized per channel."""
@@ -247,14 +270,19 @@ def smooth_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) 
 
 class RangeObserver:
     """The range of one layer's input over all calibration tokens: min/max, or the `percentile` (nearest rank) at each
-    end. With the number of values known up front, the percentile is exact from the k most extreme values per side."""
+    end. With the number of values known up front, the percentile is exact from the k most extreme values per side.
+    Also each input channel's L2 norm over the tokens, the ||X_j|| of Wanda pruning (--sparse)."""
 
     def __init__(self, total_values: int, percentile: float | None = None):
         self.keep = None if percentile is None else max(1, math.ceil(total_values * (100 - percentile) / 100))
         self.low = self.high = None
+        self.square_sums = None
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1).float()
+        channels = x.detach().reshape(-1, x.shape[-1]).float()
+        squares = channels.square().sum(0)
+        self.square_sums = squares if self.square_sums is None else self.square_sums + squares
+        x = channels.reshape(-1)
         if self.keep is None:
             low, high = x.min(), x.max()
             self.low = low if self.low is None else torch.minimum(self.low, low)
@@ -271,6 +299,9 @@ class RangeObserver:
         if self.keep is None:
             return float(self.low), float(self.high)
         return -float(self.low.min()), float(self.high.min())
+
+    def channel_norms(self) -> torch.Tensor:
+        return self.square_sums.sqrt()
 
 
 # ------------------------------------------------------------------------------------------------------ layers
@@ -354,17 +385,23 @@ def write_quant_parts(model_path: str | Path, quant_path: str | Path, tp_size: i
 
 # --------------------------------------------------------------------------------------------------- inference
 
+def env_switch(name: str) -> bool:
+    """An on/off environment variable: 1 on; 0, empty or unset off; anything else is refused."""
+    flag = os.environ.get(name, "0").strip()
+    if flag not in ("", "0", "1"):
+        raise InputError(f"{name}={flag!r}: use 1 to turn it on, or 0 (or unset) to leave it off")
+    return flag == "1"
+
+
 def quant_path_from_env() -> Path | None:
-    """QUANT_WEIGHT_PATH when ENABLE_QUANT=1, after checking that it holds the eight files; None when ENABLE_QUANT is
-    0 or unset."""
-    flag = os.environ.get("ENABLE_QUANT", "0").strip()
-    if flag in ("", "0"):
+    """QUANT_WEIGHT_PATH when ENABLE_QUANT=1 or ENABLE_SPARSE=1 (sparse quantization is W8A8 on pruned weights),
+    after checking that it holds the eight files; None when both are 0 or unset."""
+    switch = "ENABLE_SPARSE=1" if env_switch("ENABLE_SPARSE") else "ENABLE_QUANT=1" if env_switch("ENABLE_QUANT") else None
+    if switch is None:
         return None
-    if flag != "1":
-        raise InputError(f"ENABLE_QUANT={flag!r}: use 1 for W8A8 inference, or 0 (or unset) for float")
     if not os.environ.get("QUANT_WEIGHT_PATH"):
-        raise InputError("ENABLE_QUANT=1 needs QUANT_WEIGHT_PATH, the folder export_quant_weight.py wrote; "
-                         "export QUANT_WEIGHT_PATH=... (or unset ENABLE_QUANT for float)")
+        raise InputError(f"{switch} needs QUANT_WEIGHT_PATH, the folder export_quant_weight.py wrote; "
+                         f"export QUANT_WEIGHT_PATH=... (or unset {switch.split('=')[0]} for float)")
     quant_path = Path(os.environ["QUANT_WEIGHT_PATH"])
     if not quant_path.is_dir():
         raise InputError(f"QUANT_WEIGHT_PATH {quant_path} does not exist; run export_quant_weight.py first")
@@ -419,16 +456,19 @@ class QuantLinear(nn.Module):
                f"input_offset={self.input_offset:g}"
 
 
-def quantize_model(model: nn.Module, quant_path: Path) -> None:
+def quantize_model(model: nn.Module, quant_path: Path,
+                   quant_weights: tuple[Mapping[str, np.ndarray], Path] | None = None) -> None:
     """Swap this rank's quantized layers for QuantLinear (the float weights are loaded already) and put in the
-    smoothed RMSNorm weights, from {quant_path}/tp{N}/ and the per-tensor input parameters."""
+    smoothed RMSNorm weights, from {quant_path}/tp{N}/ and the per-tensor input parameters. quant_weights (a dict
+    and its path, for messages) replaces tp{N}/quant_weight{rank}: ENABLE_SPARSE's decompressed weights."""
     rank, part_dir = model.tp_rank, quant_path / f"tp{model.tp_size}"
-    weights, biases, deq_scales = (read_dict(part_dir, f"{name}{rank}") for name in PART_NAMES)
+    biases, deq_scales = (read_dict(part_dir, f"{name}{rank}") for name in PART_NAMES[1:])
+    weights, weights_source = quant_weights or (read_dict(part_dir, f"quant_weight{rank}"), part_dir / f"quant_weight{rank}")
     input_scales, input_offsets = read_dict(quant_path, "input_scale"), read_dict(quant_path, "input_offset")
     for layer in quantized_layer_names(model.config):
         linear = model.get_submodule(layer)
         shape = (linear.out_features, linear.in_features)
-        weight = layer_array(weights, layer, part_dir / f"quant_weight{rank}", shape, INT8)
+        weight = layer_array(weights, layer, weights_source, shape, INT8)
         bias = layer_array(biases, layer, part_dir / f"new_bias{rank}", shape[:1], INT)
         deq_scale = decode_deq_scale(layer_array(deq_scales, layer, part_dir / f"new_deq_scale{rank}", shape[:1], DEQ))
         input_scale = layer_array(input_scales, layer, quant_path / "input_scale", (1,), FLOAT)
@@ -519,8 +559,10 @@ def write_quant_dir(out_dir: Path, dicts: dict[str, dict[str, np.ndarray]]) -> N
 @torch.inference_mode()
 def export(float_path: str | Path, prompts: list[list[int]], out_dir: str | Path, smooth: bool = True,
            alpha: float = 0.5, percentile: float | None = None, device: torch.device = torch.device("cpu"),
-           show_progress: bool = True) -> None:
+           show_progress: bool = True, sparse_pattern: str | None = None, sparsity: float = 0.5) -> None:
     """Calibrate on `prompts` (token ids) and write the eight dicts (and the smoothed norm weights) to out_dir.
+    With sparse_pattern ("unstructured" or "2:4"), each weight is pruned (prune_weight, after smoothing, with the
+    input norms of the same calibration pass) before it is quantized, so quant_weight holds the pruned zeros.
 
     Layer by layer: the hidden states of every prompt go through one float block at a time, loaded alone, so memory
     is one layer plus the activations plus the int8 result. With smoothing, a first pass measures each input channel's
@@ -573,7 +615,9 @@ def export(float_path: str | Path, prompts: list[list[int]], out_dir: str | Path
             hidden = run(block)
         for name, observer in observers.items():
             linear = block.get_submodule(name)
-            for file_name, array in quantize_linear(linear.weight, linear.bias, *observer.range()).items():
+            weight = linear.weight if sparse_pattern is None else \
+                prune_weight(linear.weight, observer.channel_norms(), sparse_pattern, sparsity)
+            for file_name, array in quantize_linear(weight, linear.bias, *observer.range()).items():
                 dicts[file_name][prefix + name] = array
     if norms:
         dicts[NORM_FILE] = norms

@@ -8,7 +8,10 @@ layer, so the inputs of query_key_value and dense_h_to_4h carry the outliers, an
 are divided by 50, so the float model computes what it did without them (large activations meet small weights, as
 in trained LLMs; without that the outliers would saturate every attention softmax). Calibration on some lines of the
 tokenizer corpus, evaluation on others (a few hundred tokens): cosine similarity of each position's logits to
-float's and top-1 agreement, both in fp32 so that only quantization differs. Results go to benchmarks/results/.
+float's and top-1 agreement, both in fp32 so that only quantization differs. The sparse rows (export --sparse, then
+generate_compress_weight.py and ENABLE_SPARSE=1) also give the compressed size over the dense int8 size. Random
+weights have no redundancy to prune, so they show the cost of pruning at its worst, not what a trained model loses.
+Results go to benchmarks/results/.
 """
 import argparse
 import json
@@ -24,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import quantization  # noqa: E402
+import sparse_compress  # noqa: E402
 from checkpoint import write_checkpoint  # noqa: E402
 from demo_checkpoint import CORPUS, demo_config, random_shards, train_tokenizer  # noqa: E402
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer  # noqa: E402
@@ -70,13 +74,20 @@ def compare(reference: torch.Tensor, other: torch.Tensor) -> dict:
             "top1_agreement": (reference.argmax(-1) == other.argmax(-1)).float().mean().item()}
 
 
-def quantized_logits(ckpt: Path, quant_dir: Path, prompts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def quantized_logits(ckpt: Path, quant_dir: Path, prompts: list[torch.Tensor], dtype: torch.dtype,
+                     compress_dir: Path | None = None) -> torch.Tensor:
+    """W8A8 inference, or with compress_dir, ENABLE_SPARSE=1 inference from the weights compressed there."""
     quantization.write_quant_parts(ckpt, quant_dir, 1, show_progress=False)
-    os.environ.update(ENABLE_QUANT="1", QUANT_WEIGHT_PATH=str(quant_dir))
+    env = {"ENABLE_QUANT": "1", "QUANT_WEIGHT_PATH": str(quant_dir)}
+    if compress_dir:
+        sparse_compress.write_compressed(quant_dir, compress_dir)
+        env = {"ENABLE_SPARSE": "1", "QUANT_WEIGHT_PATH": str(quant_dir), "COMPRESS_WEIGHT_PATH": str(compress_dir)}
+    os.environ.update(env)
     try:
         return logits(ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=dtype), prompts).float()
     finally:
-        del os.environ["ENABLE_QUANT"], os.environ["QUANT_WEIGHT_PATH"]
+        for name in env:
+            del os.environ[name]
 
 
 def main() -> None:
@@ -105,6 +116,16 @@ def main() -> None:
         rows[name] = compare(reference, quantized_logits(ckpt, quant_dir, prompts, torch.float32))
     rows["W8A8 minmax + smoothing, bf16 activations"] = compare(
         reference, quantized_logits(ckpt, work / "W8A8_minmax__smoothing", prompts, torch.bfloat16))
+    for name, pattern in (("sparse 50% unstructured", "unstructured"), ("sparse 2:4", "2:4")):
+        quant_dir = work / name.replace(" ", "_").replace("%", "").replace(":", "_")
+        quantization.export(ckpt, calibration, quant_dir, show_progress=False, sparse_pattern=pattern)
+        compress_dir = quant_dir.with_name(quant_dir.name + "_compressed")
+        rows[f"W8A8 minmax + smoothing + {name}"] = compare(
+            reference, quantized_logits(ckpt, quant_dir, prompts, torch.float32, compress_dir))
+        info = json.loads((compress_dir / "compress0" / sparse_compress.INFO).read_text())
+        dense = sum(math.prod(layer["shape"]) for layer in info["layers"].values())
+        compressed = sum(file.stat().st_size for file in (compress_dir / "compress0").glob("*.safetensors"))
+        rows[f"W8A8 minmax + smoothing + {name}"]["compressed_over_dense"] = compressed / dense
 
     tokens = sum(len(p) for p in prompts)
     print(f"{tokens} tokens in {len(prompts)} prompts; hidden {args.hidden_size}, {args.num_layers} layers (layer 0 "
@@ -112,6 +133,9 @@ def main() -> None:
     print("| variant | cosine (mean) | cosine (min) | top-1 agreement |\n| --- | --- | --- | --- |")
     for name, row in rows.items():
         print(f"| {name} | {row['cosine_mean']:.4f} | {row['cosine_min']:.4f} | {100 * row['top1_agreement']:.1f}% |")
+    for name, row in rows.items():
+        if "compressed_over_dense" in row:
+            print(f"{name}: compressed files {row['compressed_over_dense']:.3f}x the dense int8 weights")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps({"tokens": tokens, "hidden_size": args.hidden_size,
                                              "num_layers": args.num_layers, "rows": rows}, indent=2) + "\n")

@@ -309,8 +309,9 @@ def test_export_flags(setup, tmp_path):
     ckpt, _ = setup
     dataset = write_calibration(tmp_path / "calib.jsonl")
     sparse = run("export_quant_weight.py", "--float_weight", str(ckpt), "--data_path", str(dataset), "--quant_weight",
-                 str(tmp_path / "q"), "--sparse")
-    assert sparse.returncode == 2 and "not implemented yet" in sparse.stderr and not (tmp_path / "q").exists()
+                 str(tmp_path / "q"), "--sparse", "--sparse_pattern", "2:4", "--sparsity", "0.7")
+    assert sparse.returncode == 2 and "does not apply to --sparse_pattern 2:4" in sparse.stderr
+    assert not (tmp_path / "q").exists()  # --sparse itself: tests/test_sparse.py
     plain = run("export_quant_weight.py", "--float_weight", str(ckpt), "--data_path", str(dataset), "--quant_weight",
                 str(tmp_path / "q"), "--no-smooth", "--act_method", "percentile", "--percentile", "99.9")
     assert plain.returncode == 0, plain.stderr
