@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if len(args.seqlen_in_pair) != len(args.seqlen_out_pair):
             raise InputError(f"--seqlen_in_pair has {len(args.seqlen_in_pair)} values but --seqlen_out_pair has "
                              f"{len(args.seqlen_out_pair)}; give one output length per input length")
+        if min(args.seqlen_out_pair) < 2:
+            raise InputError("every --seqlen_out_pair value must be at least 2: time per token needs one decode step")
         longest = max(i + o for i, o in zip(args.seqlen_in_pair, args.seqlen_out_pair))
         if longest > max_seq_len_from_env():
             raise InputError(f"seqlen_in + seqlen_out reaches {longest} but MAX_SEQ_LEN is {max_seq_len_from_env()}; "
