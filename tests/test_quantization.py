@@ -185,18 +185,22 @@ def test_torchrun_tp2_equals_tp1(setup, tmp_path, monkeypatch):
     assert torch.equal(ranks[1]["greedy"], ranks[0]["greedy"]) and torch.equal(ranks[1]["sampled"], ranks[0]["sampled"])
 
 
-def test_every_main_mode_runs_quantized(setup, tmp_path):
-    ckpt, quant_dir = setup
-    env = quant_env(quant_dir)
+def assert_single_and_chat_run(ckpt: Path, env: dict) -> None:
+    """precision_single answers both batch rows and cli_demo both turns, with the given environment."""
     single = run("main.py", "--mode", "precision_single", "--model_path", str(ckpt), "--batch", "2", MAX_SEQ_LEN="120",
                  **env)
     assert single.returncode == 0, single.stderr
     assert len([line for line in single.stdout.splitlines() if line.startswith("[batch")]) == 2
-
     chat = run("main.py", "--mode", "cli_demo", "--model_path", str(ckpt), stdin="你好\nclear\n再见\n", MAX_SEQ_LEN="120",
                **env)
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("ChatGLM：") == 2
+
+
+def test_every_main_mode_runs_quantized(setup, tmp_path):
+    ckpt, quant_dir = setup
+    env = quant_env(quant_dir)
+    assert_single_and_chat_run(ckpt, env)
 
     dataset = write_calibration(tmp_path / "CEval" / "val" / "Social_Science" / "teacher_qualification.jsonl")
     ceval = run("main.py", "--mode", "precision_dataset", "--model_path", str(ckpt), "--ceval_dataset",

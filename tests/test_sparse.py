@@ -15,7 +15,7 @@ from errors import InputError
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 from quantization import QuantLinear, prune_weight
 from sparse_compress import compress_layer, decompress_layer
-from test_quantization import LAYERS, run, write_calibration
+from test_quantization import LAYERS, assert_single_and_chat_run, run, write_calibration
 from test_tensor_parallel import torchrun
 
 
@@ -134,17 +134,9 @@ def test_torchrun_tp2_sparse_equals_tp1(setup, tmp_path, monkeypatch):
     assert torch.equal(ranks[1]["greedy"], ranks[0]["greedy"])
 
 
-def test_main_modes_run_sparse(setup, tmp_path):
+def test_main_modes_run_sparse(setup):
     ckpt, quant_dir, root = setup
-    env = sparse_env(quant_dir, root / "compress_tp1")
-    single = run("main.py", "--mode", "precision_single", "--model_path", str(ckpt), "--batch", "2", MAX_SEQ_LEN="120",
-                 **env)
-    assert single.returncode == 0, single.stderr
-    assert len([line for line in single.stdout.splitlines() if line.startswith("[batch")]) == 2
-    chat = run("main.py", "--mode", "cli_demo", "--model_path", str(ckpt), stdin="你好\nclear\n再见\n", MAX_SEQ_LEN="120",
-               **env)
-    assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.count("ChatGLM：") == 2
+    assert_single_and_chat_run(ckpt, sparse_env(quant_dir, root / "compress_tp1"))
 
 
 def corrupt(compress_dir: Path, tmp_path: Path, name: str, change) -> Path:
