@@ -37,13 +37,14 @@ import fused_ops  # noqa: E402
 from atomic import write_text_atomic  # noqa: E402
 from checkpoint import read_config  # noqa: E402
 from common import parse_result  # noqa: E402
-from demo_checkpoint import FULL_WIDTH, write_demo_checkpoint  # noqa: E402
+from demo_checkpoint import CORPUS, FULL_WIDTH, write_demo_checkpoint  # noqa: E402
 from tensor_parallel import source_fingerprint  # noqa: E402
 
 GiB = 2 ** 30
 # engine name -> (worker, engine or GGML type, dtype); "auto" = the project's default dtype for the device
 ENGINES = {
     "ours": ("torch", "ours", "auto"),
+    "ours-w8a8": ("torch", "ours", "w8a8"),
     "transformers-bf16": ("torch", "transformers", "bf16"),
     "transformers-fp32": ("torch", "transformers", "fp32"),
     "transformers-fp16": ("torch", "transformers", "fp16"),
@@ -52,12 +53,12 @@ ENGINES = {
     "chatglm.cpp-q4_0": ("cpp", "q4_0", "q4_0"),
 }
 DEFAULT_ENGINES = {
-    "cpu": "ours,transformers-bf16,transformers-fp32,chatglm.cpp-f16,chatglm.cpp-q8_0,chatglm.cpp-q4_0",
+    "cpu": "ours,ours-w8a8,transformers-bf16,transformers-fp32,chatglm.cpp-f16,chatglm.cpp-q8_0,chatglm.cpp-q4_0",
     "cuda": "ours,transformers-fp16",
 }
 # Bytes per weight as stored: ggml's Q8_0 keeps 32 int8 plus one fp16 scale per block, Q4_0 32 nibbles plus a scale.
-BYTES_PER_WEIGHT = {"bf16": 2.0, "fp16": 2.0, "f16": 2.0, "fp32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-FLOOR_LABELS = {2.0: "16-bit", 4.0: "fp32", 34 / 32: "Q8_0", 18 / 32: "Q4_0"}
+BYTES_PER_WEIGHT = {"w8a8": 1.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "fp32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+FLOOR_LABELS = {1.0: "int8", 2.0: "16-bit", 4.0: "fp32", 34 / 32: "Q8_0", 18 / 32: "Q4_0"}
 DEFAULT_PEER_PYTHON = Path.home() / ".cache/chatglm2-bench/chatglm-cpp-venv/bin/python"
 
 
@@ -148,6 +149,8 @@ def memory_needed(kind: str, what: str, dtype: str, total_params: int) -> int:
         return int(total_params * BYTES_PER_WEIGHT[what] * 1.2)
     if what == "transformers":  # the parity loader builds the model in fp32 and holds an fp32 copy of the weights
         return int(total_params * 8 * 1.1)
+    if dtype == "w8a8":  # the float weights load first, then each layer is swapped for its int8 one
+        return int(total_params * 3 * 1.2)
     return int(total_params * BYTES_PER_WEIGHT[dtype] * 1.2)
 
 
@@ -171,6 +174,26 @@ def ggml_file(args: argparse.Namespace, ggml_type: str, timeout: int) -> Path:
     return path
 
 
+def w8a8_weights(args: argparse.Namespace) -> Path:
+    """W8A8 weights of the checkpoint (exported with the defaults, cut for one device), cached by its fingerprint;
+    calibrated on lines of the repo's tokenizer corpus, which is enough for timing."""
+    path = Path(args.results_dir) / "w8a8" / f"{Path(args.model_path).resolve().name}-{source_fingerprint(args.model_path)}"
+    if not (path / "tp1").is_dir():
+        print(f"  exporting W8A8 weights -> {path}", flush=True)
+        lines = [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()][:16]
+        calibration = Path(args.results_dir) / "w8a8" / "calibration.jsonl"
+        write_text_atomic(calibration, "".join(json.dumps({"inputs_pretokenized": line, "choices_pretokenized": list(
+            "ABCD"), "label": 0}, ensure_ascii=False) + "\n" for line in lines))
+        quant_env = dict(os.environ, ENABLE_QUANT="1", QUANT_WEIGHT_PATH=str(path))
+        for command in (["export_quant_weight.py", "--float_weight", str(args.model_path), "--data_path",
+                         str(calibration), "--quant_weight", str(path)],
+                        ["process_weights.py", "--model_path", str(args.model_path), "--tp_size", "1"]):
+            result = subprocess.run([sys.executable, *command], cwd=ROOT, env=quant_env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError((result.stderr.strip().splitlines() or [f"{command[0]} failed"])[-1])
+    return path
+
+
 def peer_thread_env(args: argparse.Namespace) -> tuple[dict, int | None]:
     """Environment that gives chatglm.cpp --threads threads through the shim, and the count it will use (None: the
     shim is missing, so chatglm.cpp picks). chatglm.cpp halves a hardware_concurrency above 4, so double those."""
@@ -183,9 +206,10 @@ def peer_thread_env(args: argparse.Namespace) -> tuple[dict, int | None]:
 
 def run_engine(name: str, args: argparse.Namespace, device: str, config: dict) -> dict:
     kind, what, dtype = ENGINES[name]
-    if dtype == "auto":
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[
-            fused_ops.default_dtype(torch.device(device))]
+    # Activations (and float layers) in the project's default dtype for the device; W8A8 weights where asked.
+    activations = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[
+        fused_ops.default_dtype(torch.device(device))] if dtype in ("auto", "w8a8") else dtype
+    dtype = activations if dtype == "auto" else dtype
     record = {"engine": name, "dtype": dtype, "threads": args.threads}
     if kind == "cpp" and device != "cpu":
         return {**record, "skipped": "chatglm.cpp is built for the CPU here"}
@@ -202,9 +226,10 @@ def run_engine(name: str, args: argparse.Namespace, device: str, config: dict) -
         shape = ["--prompt_len", str(args.prompt_len), "--new_tokens", str(args.new_tokens), "--repeats",
                  str(args.repeats)]
         if kind == "torch":
+            env = {"ENABLE_QUANT": "1", "QUANT_WEIGHT_PATH": str(w8a8_weights(args))} if dtype == "w8a8" else {}
             result = run_worker([sys.executable, str(HERE / "torch_worker.py"), "--engine", what, "--model_path",
-                                 str(args.model_path), "--dtype", dtype, "--device", device, "--batches",
-                                 args.batches, "--threads", str(args.threads), *shape], args.timeout)
+                                 str(args.model_path), "--dtype", activations, "--device", device, "--batches",
+                                 args.batches, "--threads", str(args.threads), *shape], args.timeout, **env)
         else:
             ggml = ggml_file(args, what, args.timeout)
             env, record["threads"] = peer_thread_env(args)
