@@ -163,6 +163,30 @@ def quant_matmul(x_q: torch.Tensor, quant_weight_t: torch.Tensor, quant_bias: to
     return ((acc + quant_bias).float() * deq_scale).to(out_dtype)
 
 
+def can_pack_quant_weight(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+        hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+def pack_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 [out, in] weight in oneDNN's prepacked layout. On CPU torch._int_mm is fast for one row only and
+    reorders the weight on every call for more (about 6x slower at 8 rows); the prepacked kernel is fast at any."""
+    return torch.ops.onednn.qlinear_prepack(weight, [1, weight.shape[1]])
+
+
+def packed_quant_matmul(x_q: torch.Tensor, packed_weight: torch.Tensor, input_offset: int, folded_bias: torch.Tensor,
+                        deq_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(x_q - input_offset) @ W^T * deq_scale + folded_bias with a prepacked weight: the same value as
+    (x_q @ W^T + quant_bias) * deq_scale when folded_bias = deq_scale * (quant_bias + input_offset * W.sum(1)),
+    up to fp32 rounding."""
+    x_u8 = (x_q.to(torch.int16) + 128).to(torch.uint8)  # oneDNN wants unsigned activations: shift them and the zero point
+    kernel_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    y = torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, int(input_offset) + 128, packed_weight, deq_scale,
+                                           torch.zeros_like(deq_scale, dtype=torch.int64), folded_bias, 1.0, 0,
+                                           kernel_dtype, "none", [], "")
+    return y.to(out_dtype)
+
+
 class PackedLinear(nn.Module):
     """A CPU linear layer whose weight is kept in oneDNN's prepacked (blocked) layout.
 

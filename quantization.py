@@ -440,15 +440,26 @@ class QuantLinear(nn.Module):
                  input_offset: float):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        # int8 [out, in] as stored; weight.t() is the column-major [in, out] operand the int8 kernels are fastest on
-        self.register_buffer("weight", weight)
+        self.input_scale, self.input_offset = input_scale, input_offset
         self.register_buffer("quant_bias", quant_bias)
         self.register_buffer("deq_scale", deq_scale)
-        self.input_scale, self.input_offset = input_scale, input_offset
+        self.packed_weight = None
+        if fused_ops.can_pack_quant_weight(weight):
+            # CPU: only the prepacked copy is kept (the raw one would double the memory), with the bias folded for it.
+            self.packed_weight = fused_ops.pack_quant_weight(weight)
+            folded = deq_scale.double() * (quant_bias.double() + input_offset * weight.sum(1, dtype=torch.float64))
+            self.register_buffer("folded_bias", folded.float())
+            weight = None
+        # int8 [out, in] as stored; weight.t() is the column-major [in, out] operand the int8 kernels are fastest on
+        self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q = quantize_activation(x.reshape(-1, self.in_features), self.input_scale, self.input_offset)
-        y = fused_ops.quant_matmul(x_q, self.weight.t(), self.quant_bias, self.deq_scale, x.dtype)
+        if self.packed_weight is not None:
+            y = fused_ops.packed_quant_matmul(x_q, self.packed_weight, self.input_offset, self.folded_bias,
+                                              self.deq_scale, x.dtype)
+        else:
+            y = fused_ops.quant_matmul(x_q, self.weight.t(), self.quant_bias, self.deq_scale, x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

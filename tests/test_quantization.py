@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
+import fused_ops
 import quantization
 from checkpoint import iter_tensors
 from conftest import PROMPTS, ROOT, run_env
@@ -140,11 +141,15 @@ def test_quantized_model_equals_the_fake_quant_formulas(setup, monkeypatch):
     assert not any(isinstance(m, QuantLinear) for m in model.transformer.encoder.layers[0].modules())
     assert not isinstance(model.transformer.output_layer, QuantLinear)
 
-    layer = model.get_submodule(LAYERS[0])  # one layer on its own: the int8 kernel against exact integer arithmetic
+    layer = model.get_submodule(LAYERS[0])  # one layer on its own: the int8 kernels against exact integer arithmetic
+    weight = torch.from_numpy(arrays(quant_dir, "quant_weight")[LAYERS[0]])
     x = torch.randn(5, layer.in_features) * 3
-    x_q = torch.clamp(torch.round(x / layer.input_scale + layer.input_offset), -128, 127).long()
-    exact = ((x_q @ layer.weight.long().T + layer.quant_bias).float() * layer.deq_scale)
-    assert torch.equal(layer(x), exact)
+    x_q = torch.clamp(torch.round(x / layer.input_scale + layer.input_offset), -128, 127)
+    exact = ((x_q.long() @ weight.long().T + layer.quant_bias).float() * layer.deq_scale)
+    assert torch.equal(fused_ops.quant_matmul(x_q.to(torch.int8), weight.t(), layer.quant_bias, layer.deq_scale,
+                                              torch.float32), exact)
+    assert layer.packed_weight is not None  # on CPU the layer runs oneDNN's prepacked kernel: exact up to fp32 rounding
+    torch.testing.assert_close(layer(x), exact, rtol=1e-5, atol=1e-5)
 
     logits = model(**batch)
     assert (logits[real] - expected(**batch)[real]).abs().max().item() < 1e-4
