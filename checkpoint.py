@@ -1,4 +1,5 @@
 """Checkpoint files in the Hugging Face layout of THUDM/chatglm2-6b: find them, check them, stream them, write them."""
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from atomic import atomic_directory
+from atomic import atomic_directory, atomic_file, write_text_atomic
 from errors import InputError
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -63,6 +64,35 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"cannot read {file} as a PyTorch weights file ({error.__class__.__name__}); it may be truncated") from None
 
 
+def files_fingerprint(files: Iterable[Path]) -> str:
+    """Identifies files by name, size and modification time, without reading them (a stale-output check)."""
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+class CheckpointReader:
+    """Tensors of a checkpoint by name, without loading the rest (safetensors reads lazily; .bin shards are
+    memory-mapped, the last one kept open since callers ask for layers in order)."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.files = Path(path), weight_files(path)
+        self._bin_file, self._bin = None, None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise InputError(f"{self.path} lacks tensor {name}; the checkpoint is incomplete")
+        file = self.files[name]
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                return f.get_tensor(name)
+        if file != self._bin_file:
+            self._bin_file, self._bin = file, _load_bin(file)
+        return self._bin[name]
+
+
 def iter_shards(path: str | Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
     """Yield (file, {name: tensor}) one weight file at a time, so at most one shard is mapped at once."""
     files = weight_files(path)
@@ -104,10 +134,12 @@ def write_index(directory: Path, weight_map: dict[str, str], total_size: int, sa
 
 
 def write_config_and_tokenizer(directory: Path, config: dict, tokenizer_dir: str | Path) -> None:
-    (directory / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """config.json and the tokenizer files, each written atomically (the folder may be one the user reads)."""
+    write_text_atomic(directory / "config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).is_file():
-            shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+            with atomic_file(directory / name) as tmp:
+                shutil.copyfile(Path(tokenizer_dir) / name, tmp)
 
 
 def write_checkpoint(path: str | Path, config: dict, shards: Iterable[dict[str, torch.Tensor]], num_shards: int,

@@ -17,7 +17,6 @@ Every dict is written as `NAME.npy` (a pickled dict, as modelslim writes and np.
 the loader prefers safetensors and unpickles .npy files with an allowlist, never np.load(allow_pickle=True).
 process_weights.py cuts them per rank into `tp{N}/quant_weight{i}`, `new_bias{i}`, `new_deq_scale{i}`.
 """
-import hashlib
 import importlib
 import json
 import math
@@ -37,7 +36,8 @@ from tqdm import tqdm
 
 import fused_ops
 from atomic import atomic_directory, write_text_atomic
-from checkpoint import _load_bin, read_config, weight_files
+import checkpoint
+from checkpoint import CheckpointReader, read_config
 from errors import InputError
 from tensor_parallel import ROW_PARALLEL, check_tp_config, split_tensor
 
@@ -187,13 +187,8 @@ def check_quant_files(quant_path: Path) -> None:
 
 def files_fingerprint(directory: Path, names: tuple[str, ...]) -> str:
     """Identifies the dict files `names` in directory (both forms) by names, sizes and times, without reading them."""
-    digest = hashlib.sha256()
-    for name in names:
-        for suffix in (".safetensors", ".npy"):
-            file = directory / f"{name}{suffix}"
-            if file.is_file():
-                digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns};".encode())
-    return digest.hexdigest()[:16]
+    return checkpoint.files_fingerprint(directory / f"{name}{suffix}" for name in names for suffix in (".safetensors", ".npy")
+                                        if (directory / f"{name}{suffix}").is_file())
 
 
 def quant_fingerprint(quant_path: Path) -> str:
@@ -517,26 +512,6 @@ def input_hooks(module: nn.Module, observers: dict[str, Callable[[torch.Tensor],
     finally:
         for handle in handles:
             handle.remove()
-
-
-class CheckpointReader:
-    """Tensors of a float checkpoint by name, without loading the rest (safetensors reads lazily; .bin shards are
-    memory-mapped, the last one kept open since the layers come in order)."""
-
-    def __init__(self, path: str | Path):
-        self.path, self.files = Path(path), weight_files(path)
-        self._bin_file, self._bin = None, None
-
-    def __call__(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise InputError(f"{self.path} lacks tensor {name}; the checkpoint is incomplete")
-        file = self.files[name]
-        if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt") as f:
-                return f.get_tensor(name)
-        if file != self._bin_file:
-            self._bin_file, self._bin = file, _load_bin(file)
-        return self._bin[name]
 
 
 def load_block(config, read: CheckpointReader, index: int, device: torch.device) -> nn.Module:

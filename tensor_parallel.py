@@ -4,16 +4,16 @@ Rank i gets: query heads chunk i with KV group i*kv_tp//tp (groups replicated be
 gate and up halves of dense_h_to_4h; columns i of the row-parallel self_attention.dense and dense_4h_to_h; rows i of
 the vocab-parallel output_layer; everything else whole.
 """
-import hashlib
 import json
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from atomic import atomic_directory, atomic_file, write_text_atomic
+from atomic import atomic_directory
+from checkpoint import (INDEX_FILES, SINGLE_FILES, files_fingerprint, iter_shards, read_config, save_shard,
+                        shard_file_name, weight_files, write_config_and_tokenizer, write_index)
 from errors import InputError
 
 ROW_PARALLEL = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
@@ -25,12 +25,7 @@ def part_root(model_path: str | Path, tp_size: int) -> Path:
 
 def source_fingerprint(model_path: str | Path) -> str:
     """Identifies the float weights a part was cut from: names, sizes and times of the weight files."""
-    from checkpoint import weight_files
-    digest = hashlib.sha256()
-    for file in sorted(set(weight_files(model_path).values())):
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()[:16]
+    return files_fingerprint(sorted(set(weight_files(model_path).values())))
 
 
 def check_tp_config(config, tp_size: int) -> None:
@@ -45,7 +40,6 @@ def check_tp_config(config, tp_size: int) -> None:
 
 
 def has_float_weights(model_path: str | Path) -> bool:
-    from checkpoint import INDEX_FILES, SINGLE_FILES
     return any((Path(model_path) / name).is_file() for name in INDEX_FILES + SINGLE_FILES)
 
 
@@ -118,9 +112,7 @@ def write_tp_parts(model_path: str | Path, tp_size: int, output_path: str | Path
     Parts go to {output_path or model_path}/tensor_parallel_tp{N}/part_model/{rank}/ and appear only when all are
     written. An --output_path folder also gets config.json and the tokenizer, so it works as main.py's --model_path.
     """
-    from checkpoint import (TOKENIZER_FILES, iter_shards, read_config, save_shard, shard_file_name, weight_files,
-                            write_config_and_tokenizer, write_index)
-    from modeling_chatglm_ascend import ChatGLM2Config
+    from modeling_chatglm_ascend import ChatGLM2Config  # here: modeling imports this module
 
     config_dict = read_config(model_path)
     config = ChatGLM2Config.from_dict(config_dict)
@@ -152,9 +144,5 @@ def write_tp_parts(model_path: str | Path, tp_size: int, output_path: str | Path
             if len(files) > 1:
                 write_index(tmp_parts[rank], weight_map, total_size, safetensors=True)
     if out_root != Path(model_path):
-        write_text_atomic(out_root / "config.json", json.dumps(config_dict, indent=2, ensure_ascii=False) + "\n")
-        for name in TOKENIZER_FILES:
-            if (Path(model_path) / name).is_file():
-                with atomic_file(out_root / name) as tmp:
-                    shutil.copyfile(Path(model_path) / name, tmp)
+        write_config_and_tokenizer(out_root, config_dict, model_path)
     return part_root(out_root, tp_size)

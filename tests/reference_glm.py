@@ -2,7 +2,6 @@
 import json
 from pathlib import Path
 
-import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from checkpoint import iter_tensors
