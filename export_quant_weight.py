@@ -13,13 +13,13 @@ per output row, after smoothing) before quantizing it; then compress with genera
 import argparse
 from pathlib import Path
 
-import fused_ops
-import quantization
-from ceval import read_csv, read_jsonl
-from checkpoint import read_config
-from cli import ArgumentParser
-from errors import InputError, run_cli
-from tokenization_chatglm import ChatGLM2Tokenizer
+from chatglm2 import quant_export
+from chatglm2.ceval import read_csv, read_jsonl
+from chatglm2.checkpoint import read_config
+from chatglm2.cli import ArgumentParser, run_cli
+from chatglm2.device import DEVICE_KINDS, select_device
+from chatglm2.errors import InputError
+from chatglm2.tokenizer import ChatGLM2Tokenizer
 
 
 def calibration_prompts(data_path: str, tokenizer: ChatGLM2Tokenizer, num_samples: int | None) -> list[list[int]]:
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--percentile", type=float, default=99.99,
                         help="with --act_method percentile: the range keeps this percentage of values (default 99.99)")
     parser.add_argument("--num_samples", type=int, default=None, help="use only the first N questions (default: all)")
-    parser.add_argument("--backend", default="auto", choices=fused_ops.DEVICE_KINDS,
+    parser.add_argument("--backend", default="auto", choices=DEVICE_KINDS,
                         help="device kind for calibration; auto picks NPU, else CUDA, else CPU")
     args = parser.parse_args()
     if not args.sparse and (args.sparse_pattern or args.sparsity is not None):
@@ -70,9 +70,9 @@ def main() -> None:
     read_config(args.float_weight)  # a missing checkpoint is named as such, not as a missing tokenizer
     tokenizer = ChatGLM2Tokenizer.from_pretrained(args.float_weight)
     prompts = calibration_prompts(args.data_path, tokenizer, args.num_samples)
-    quantization.export(args.float_weight, prompts, args.quant_weight, smooth=args.smooth, alpha=args.smooth_alpha,
+    quant_export.export(args.float_weight, prompts, args.quant_weight, smooth=args.smooth, alpha=args.smooth_alpha,
                         percentile=args.percentile if args.act_method == "percentile" else None,
-                        device=fused_ops.select_device(args.backend),
+                        device=select_device(args.backend),
                         sparse_pattern=(args.sparse_pattern or "unstructured") if args.sparse else None,
                         sparsity=0.5 if args.sparsity is None else args.sparsity)
     print(f"wrote the {'sparse ' if args.sparse else ''}W8A8 weights of {args.float_weight} ({len(prompts)} calibration "

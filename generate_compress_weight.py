@@ -9,13 +9,12 @@
 
 --weight_path is QUANT_WEIGHT_PATH (its one tp{N}/ folder, or tp{--tp_size}/ when process_weights.py cut several)
 or a tp{N}/ folder itself. --save_path receives compress{i}/ for every rank i. The format is this project's own
-(the 300I Duo's hardware format is not public); see sparse_compress.py and the README.
+(the 300I Duo's hardware format is not public); see chatglm2/sparse_format.py and the README.
 """
 import argparse
 
-from cli import ArgumentParser
-from errors import run_cli
-from sparse_compress import write_compressed
+from chatglm2.cli import ArgumentParser, run_cli
+from chatglm2.sparse_format import write_compressed
 
 
 def main() -> None:

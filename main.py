@@ -6,17 +6,15 @@
 """
 import argparse
 import sys
-import time
 
-import distributed
-from cli import ArgumentParser, add_model_args, load_model_and_tokenizer
-from errors import InputError, run_cli
-from modeling_chatglm_ascend import max_seq_len_from_env
+from chatglm2 import collectives, settings
+from chatglm2.ceval import run_precision_dataset
+from chatglm2.chat_modes import cli_demo, precision_single
+from chatglm2.cli import ArgumentParser, add_model_args, load_model_and_tokenizer, run_cli
+from chatglm2.errors import InputError
+from chatglm2.performance import run_performance
 
 MODES = ("precision_single", "precision_dataset", "performance", "cli_demo")
-SINGLE_QUESTION = "下列选项中，属于我国古代四大发明的是____。\nA. 丝绸\nB. 瓷器\nC. 火药\nD. 茶叶"
-SINGLE_MAX_NEW_TOKENS = 512
-WELCOME = "欢迎使用 ChatGLM2-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
 
 
 def int_list(text: str) -> list[int]:
@@ -52,87 +50,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if min(args.seqlen_out_pair) < 2:
             raise InputError("every --seqlen_out_pair value must be at least 2: time per token needs one decode step")
         longest = max(i + o for i, o in zip(args.seqlen_in_pair, args.seqlen_out_pair))
-        if longest > max_seq_len_from_env():
-            raise InputError(f"seqlen_in + seqlen_out reaches {longest} but MAX_SEQ_LEN is {max_seq_len_from_env()}; "
+        if longest > settings.max_seq_len():
+            raise InputError(f"seqlen_in + seqlen_out reaches {longest} but MAX_SEQ_LEN is {settings.max_seq_len()}; "
                              f"export MAX_SEQ_LEN={longest}")
     if args.mode == "precision_dataset" and not args.ceval_dataset:
         raise InputError("--mode precision_dataset needs --ceval_dataset DATASET (the C-Eval folder)")
     return args
 
 
-def precision_single(args: argparse.Namespace, model, tokenizer) -> None:
-    """The fixed question, `--batch` copies, answered greedily."""
-    inputs = tokenizer([tokenizer.build_prompt(SINGLE_QUESTION)] * args.batch)
-    max_new_tokens = min(SINGLE_MAX_NEW_TOKENS, model.max_seq_len - inputs["input_ids"].shape[1])
-    if max_new_tokens < 1:
-        raise InputError(f"MAX_SEQ_LEN={model.max_seq_len} leaves no room to answer; export MAX_SEQ_LEN=1024")
-    start = time.perf_counter()
-    output_ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
-    elapsed = time.perf_counter() - start
-    if distributed.is_rank0():
-        print(f"问：{SINGLE_QUESTION}")
-        for row, ids in enumerate(output_ids):
-            print(f"[batch {row}] 答：{tokenizer.decode(ids).strip()}")
-        print(f"{output_ids.numel()} tokens in {elapsed:.2f} s", flush=True)
-
-
-def read_user_turn() -> str:
-    """Rank 0 reads stdin; every rank gets the same text (end of input means stop)."""
-    text = None
-    if distributed.is_rank0():
-        try:
-            text = input("\n用户：")
-        except EOFError:
-            text = "stop"
-    return distributed.broadcast_object(text)
-
-
-def cli_demo(args: argparse.Namespace, model, tokenizer) -> None:
-    """Streaming chat with history; `clear` forgets the history, `stop` (or end of input) quits."""
-    rank0 = distributed.is_rank0()
-    history = []
-    if rank0:
-        print(WELCOME, flush=True)
-    while True:
-        query = read_user_turn().strip()
-        if query == "stop":
-            return
-        if query == "clear":
-            history = []
-            if rank0:
-                print(WELCOME, flush=True)
-            continue
-        if not query:
-            continue
-        printed = ""
-        if rank0:
-            print("\nChatGLM：", end="", flush=True)
-        try:
-            for response, history in model.stream_chat(tokenizer, query, history):
-                if rank0:
-                    print(response[len(printed):] if response.startswith(printed) else "\n" + response, end="", flush=True)
-                printed = response
-        except InputError as error:  # e.g. the history outgrew MAX_SEQ_LEN: say so and keep the session
-            if rank0:
-                print(f"[{error}]", end="", flush=True)
-        if rank0:
-            print(flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    ceval_max_new_tokens = settings.ceval_max_new_tokens() if args.mode == "precision_dataset" else None
     model, tokenizer = load_model_and_tokenizer(args)
     if args.mode == "precision_single":
-        precision_single(args, model, tokenizer)
+        precision_single(model, tokenizer, args.batch)
     elif args.mode == "cli_demo":
-        cli_demo(args, model, tokenizer)
+        cli_demo(model, tokenizer)
     elif args.mode == "precision_dataset":
-        from ceval import run_precision_dataset
-        run_precision_dataset(args, model, tokenizer)
+        run_precision_dataset(model, tokenizer, args.ceval_dataset, args.batch, args.precision_output_file,
+                              args.model_path, args.tp_size, args.skip_bad_lines, ceval_max_new_tokens)
     else:
-        from performance import run_performance
-        run_performance(args, model, tokenizer)
-    distributed.shutdown()
+        run_performance(model, tokenizer, args.batch, list(zip(args.seqlen_in_pair, args.seqlen_out_pair)),
+                        args.performance_output_file, args.print_response)
+    collectives.shutdown()
 
 
 if __name__ == "__main__":

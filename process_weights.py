@@ -8,10 +8,10 @@ QUANT_WEIGHT_PATH/tp{N}/ (tp_size 1 too); for ENABLE_SPARSE, run generate_compre
 """
 import argparse
 
-from cli import ArgumentParser
-from errors import run_cli
-from quantization import quant_path_from_env, write_quant_parts
-from tensor_parallel import write_tp_parts
+from chatglm2 import settings
+from chatglm2.cli import ArgumentParser, run_cli
+from chatglm2.quant_split import write_quant_parts
+from chatglm2.tensor_parallel import write_tp_parts
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tp_size < 1:
         parser.error(f"--tp_size must be at least 1, got {args.tp_size}")
-    quant_path = quant_path_from_env()
+    quant_path = settings.quant_path()
     if args.tp_size == 1 and not quant_path:
         print("tp_size 1: a single card loads the float checkpoint directly; nothing to split")
         return

@@ -1,8 +1,8 @@
 """The chatglm.cpp peer, run with the Python of the venv that benchmarks/setup_peers.sh builds.
 
     PEER=~/.cache/chatglm2-bench/chatglm-cpp-venv/bin/python
-    $PEER benchmarks/chatglm_cpp_worker.py convert --model_path CKPT --ggml_type q8_0 --out model-q8_0.bin
-    $PEER benchmarks/chatglm_cpp_worker.py time --ggml model-q8_0.bin --prompt_len 128 --new_tokens 16
+    $PEER -m benchmarks.chatglm_cpp_worker convert --model_path CKPT --ggml_type q8_0 --out model-q8_0.bin
+    $PEER -m benchmarks.chatglm_cpp_worker time --ggml model-q8_0.bin --prompt_len 128 --new_tokens 16
 
 `convert` writes chatglm.cpp's GGML file from a checkpoint in the Hugging Face layout with chatglm-cpp's own
 ChatGLM2Converter, fed the checkpoint's tensors, config.json and tokenizer.model directly (its command-line converter
@@ -14,14 +14,11 @@ std::thread::hardware_concurrency() (all cores up to 4, half of them above); run
 the preloaded hardware_concurrency.c shim that setup_peers.sh builds.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-
-from common import emit, peak_rss_bytes, prompt_ids, reset_peak_rss, rss_bytes, timing_summary  # noqa: E402
+from benchmarks.common import emit, peak_rss_bytes, prompt_ids, reset_peak_rss, rss_bytes, timing_summary
 
 GGML_TYPES = ("f16", "q8_0", "q4_0")
 WARMUP_NEW_TOKENS = 2
@@ -41,8 +38,8 @@ class SentencePieceModel:
 
 def convert(model_path: Path, ggml_type: str, out: Path) -> None:
     from atomic import atomic_file
-    from checkpoint import iter_tensors, read_config
     from chatglm_cpp.convert import ChatGLM2Converter, GGMLType
+    from checkpoint import iter_tensors, read_config
 
     config = SimpleNamespace(**{**CONFIG_DEFAULTS, **read_config(model_path)})
     state = {name: tensor for name, tensor in iter_tensors(model_path)}  # .bin shards stay memory-mapped

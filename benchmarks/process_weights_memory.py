@@ -1,7 +1,7 @@
 """Peak memory of process_weights.py against the largest shard and the whole checkpoint.
 
-    python benchmarks/process_weights_memory.py                    # full width, 4 layers, 5 shards; tp 2
-    python benchmarks/process_weights_memory.py --model_path CKPT --tp_size 4
+    python -m benchmarks.process_weights_memory                    # full width, 4 layers, 5 shards; tp 2
+    python -m benchmarks.process_weights_memory --model_path CKPT --tp_size 4
 
 The claim it checks: splitting streams one source shard at a time, so the peak resident memory stays near one
 shard (plus the interpreter and torch), not the whole model. The parts are written to a temporary folder and removed.
@@ -13,12 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
+from chatglm2.checkpoint import weight_files
+from chatglm2.random_checkpoint import FULL_WIDTH, write_demo_checkpoint
 
-from checkpoint import weight_files  # noqa: E402
-from demo_checkpoint import FULL_WIDTH, write_demo_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MiB = 2 ** 20
 DEFAULT_CHECKPOINT = ROOT / "bench_ckpt_full_L4"  # the suite's default checkpoint: 4 layers in 5 shards
@@ -45,7 +43,7 @@ def main() -> None:
     shards = sorted(set(weight_files(args.model_path).values()))
     sizes = [file.stat().st_size for file in shards]
     # What any process_weights.py run costs before touching a weight: the interpreter, torch and the project.
-    baseline = peak_rss_of([sys.executable, "-c", "import torch, checkpoint, tensor_parallel, modeling_chatglm_ascend"])
+    baseline = peak_rss_of([sys.executable, "-c", "import torch, chatglm2.tensor_parallel, modeling_chatglm_ascend"])
     with tempfile.TemporaryDirectory() as out:
         peak = peak_rss_of([sys.executable, "process_weights.py", "--model_path", str(args.model_path), "--tp_size",
                             str(args.tp_size), "--output_path", out])

@@ -1,6 +1,6 @@
 """W8A8 accuracy against float on a random checkpoint with planted activation outliers, with and without smoothing.
 
-    python benchmarks/quant_accuracy.py [--work_dir DIR] [--hidden_size 512] [--num_layers 4]
+    python -m benchmarks.quant_accuracy [--work_dir DIR] [--hidden_size 512] [--num_layers 4]
 
 Random weights at the usual init scale (std 1/sqrt(fan_in), so every layer matters to the logits), and, as real LLMs
 have, a few hidden channels 50x larger than the rest: the RMSNorm weights of those channels are scaled by 50 in every
@@ -16,21 +16,19 @@ Results go to benchmarks/results/.
 import argparse
 import json
 import math
-import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from chatglm2 import sparse_format
+from chatglm2.checkpoint import write_checkpoint
+from chatglm2.quant_export import export
+from chatglm2.quant_split import write_quant_parts
+from chatglm2.random_checkpoint import CORPUS, demo_config, random_shards, train_tokenizer
+from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
-import quantization  # noqa: E402
-import sparse_compress  # noqa: E402
-from checkpoint import write_checkpoint  # noqa: E402
-from demo_checkpoint import CORPUS, demo_config, random_shards, train_tokenizer  # noqa: E402
-from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 OUTLIER_CHANNELS, OUTLIER_SCALE = 4, 50.0
 CALIBRATION_LINES, EVAL_LINES = range(0, 600, 20), range(7, 2077, 97)  # disjoint
@@ -76,18 +74,13 @@ def compare(reference: torch.Tensor, other: torch.Tensor) -> dict:
 
 def quantized_logits(ckpt: Path, quant_dir: Path, prompts: list[torch.Tensor], dtype: torch.dtype,
                      compress_dir: Path | None = None) -> torch.Tensor:
-    """W8A8 inference, or with compress_dir, ENABLE_SPARSE=1 inference from the weights compressed there."""
-    quantization.write_quant_parts(ckpt, quant_dir, 1, show_progress=False)
-    env = {"ENABLE_QUANT": "1", "QUANT_WEIGHT_PATH": str(quant_dir)}
+    """W8A8 inference, or with compress_dir, sparse inference from the weights compressed there."""
+    write_quant_parts(ckpt, quant_dir, 1, show_progress=False)
     if compress_dir:
-        sparse_compress.write_compressed(quant_dir, compress_dir)
-        env = {"ENABLE_SPARSE": "1", "QUANT_WEIGHT_PATH": str(quant_dir), "COMPRESS_WEIGHT_PATH": str(compress_dir)}
-    os.environ.update(env)
-    try:
-        return logits(ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=dtype), prompts).float()
-    finally:
-        for name in env:
-            del os.environ[name]
+        sparse_format.write_compressed(quant_dir, compress_dir)
+    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=dtype, quant_path=quant_dir,
+                                                compress_path=compress_dir)
+    return logits(model, prompts).float()
 
 
 def main() -> None:
@@ -112,17 +105,17 @@ def main() -> None:
                 "W8A8 percentile 99.99 + smoothing": dict(smooth=True, percentile=99.99)}
     for name, options in variants.items():
         quant_dir = work / name.replace(" ", "_").replace("+", "").replace(".", "")
-        quantization.export(ckpt, calibration, quant_dir, show_progress=False, **options)
+        export(ckpt, calibration, quant_dir, show_progress=False, **options)
         rows[name] = compare(reference, quantized_logits(ckpt, quant_dir, prompts, torch.float32))
     rows["W8A8 minmax + smoothing, bf16 activations"] = compare(
         reference, quantized_logits(ckpt, work / "W8A8_minmax__smoothing", prompts, torch.bfloat16))
     for name, pattern in (("sparse 50% unstructured", "unstructured"), ("sparse 2:4", "2:4")):
         quant_dir = work / name.replace(" ", "_").replace("%", "").replace(":", "_")
-        quantization.export(ckpt, calibration, quant_dir, show_progress=False, sparse_pattern=pattern)
+        export(ckpt, calibration, quant_dir, show_progress=False, sparse_pattern=pattern)
         compress_dir = quant_dir.with_name(quant_dir.name + "_compressed")
         rows[f"W8A8 minmax + smoothing + {name}"] = compare(
             reference, quantized_logits(ckpt, quant_dir, prompts, torch.float32, compress_dir))
-        info = json.loads((compress_dir / "compress0" / sparse_compress.INFO).read_text())
+        info = json.loads((compress_dir / "compress0" / sparse_format.INFO).read_text())
         dense = sum(math.prod(layer["shape"]) for layer in info["layers"].values())
         compressed = sum(file.stat().st_size for file in (compress_dir / "compress0").glob("*.safetensors"))
         rows[f"W8A8 minmax + smoothing + {name}"]["compressed_over_dense"] = compressed / dense

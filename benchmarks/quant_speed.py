@@ -3,20 +3,16 @@
     python demo_checkpoint.py /tmp/fw --full_width --num_layers 2
     python export_quant_weight.py --float_weight /tmp/fw --data_path calib.jsonl --quant_weight /tmp/fwq
     ENABLE_QUANT=1 QUANT_WEIGHT_PATH=/tmp/fwq python process_weights.py --model_path /tmp/fw --tp_size 1
-    python benchmarks/quant_speed.py /tmp/fw /tmp/fwq
+    python -m benchmarks.quant_speed /tmp/fw /tmp/fwq
 """
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from modeling_chatglm_ascend import ChatGLM2ForCausalLM  # noqa: E402
+from modeling_chatglm_ascend import ChatGLM2ForCausalLM
 
 
 def decode_step_ms(model: ChatGLM2ForCausalLM, prompt_len: int, steps: int) -> float:
@@ -38,8 +34,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {"bf16": ChatGLM2ForCausalLM.from_pretrained(args.model_path, device="cpu", dtype=torch.bfloat16)}
-    os.environ.update(ENABLE_QUANT="1", QUANT_WEIGHT_PATH=args.quant_weight_path)
-    models["w8a8"] = ChatGLM2ForCausalLM.from_pretrained(args.model_path, device="cpu", dtype=torch.bfloat16)
+    models["w8a8"] = ChatGLM2ForCausalLM.from_pretrained(args.model_path, device="cpu", dtype=torch.bfloat16,
+                                                         quant_path=args.quant_weight_path)
     times = {name: [] for name in models}
     load_before = os.getloadavg()[0]
     for _ in range(args.rounds):

@@ -1,9 +1,9 @@
 """Our engine against its peers: one checkpoint, the same shapes, the same machine, one run; prints the ratios.
 
     bash benchmarks/setup_peers.sh            # once, ~8 min: builds chatglm.cpp's Python package in its own venv
-    python benchmarks/run_suite.py            # ChatGLM2-6B's width with 4 layers (random weights), batch 1 and 8
-    python benchmarks/run_suite.py --num_layers 28       # the whole 6B shape, where memory allows
-    python benchmarks/run_suite.py --model_path CKPT     # any ChatGLM2 checkpoint, e.g. THUDM/chatglm2-6b itself
+    python -m benchmarks.run_suite            # ChatGLM2-6B's width with 4 layers (random weights), batch 1 and 8
+    python -m benchmarks.run_suite --num_layers 28       # the whole 6B shape, where memory allows
+    python -m benchmarks.run_suite --model_path CKPT     # any ChatGLM2 checkpoint, e.g. THUDM/chatglm2-6b itself
 
 Engines, each timed in its own process (so each peak RSS is its own), sequentially:
   ours                 this project (default dtype: bf16 on a CPU with native bf16, fp16 on GPU)
@@ -29,16 +29,15 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import parse_result
+from chatglm2.atomic import write_text_atomic
+from chatglm2.checkpoint import read_config
+from chatglm2.device import default_dtype
+from chatglm2.random_checkpoint import CORPUS, FULL_WIDTH, write_demo_checkpoint
+from chatglm2.tensor_parallel import source_fingerprint
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
-
-import fused_ops  # noqa: E402
-from atomic import write_text_atomic  # noqa: E402
-from checkpoint import read_config  # noqa: E402
-from common import parse_result  # noqa: E402
-from demo_checkpoint import CORPUS, FULL_WIDTH, write_demo_checkpoint  # noqa: E402
-from tensor_parallel import source_fingerprint  # noqa: E402
 
 GiB = 2 ** 30
 # engine name -> (worker, engine or GGML type, dtype); "auto" = the project's default dtype for the device
@@ -155,7 +154,7 @@ def memory_needed(kind: str, what: str, dtype: str, total_params: int) -> int:
 
 
 def run_worker(command: list[str], timeout: int, **env: str) -> dict:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", **env))
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
@@ -169,7 +168,7 @@ def ggml_file(args: argparse.Namespace, ggml_type: str, timeout: int) -> Path:
     path = Path(args.results_dir) / "ggml" / name
     if not path.is_file():
         print(f"  converting to GGML {ggml_type.upper()} -> {path}", flush=True)
-        run_worker([args.peer_python, str(HERE / "chatglm_cpp_worker.py"), "convert", "--model_path",
+        run_worker([args.peer_python, "-m", "benchmarks.chatglm_cpp_worker", "convert", "--model_path",
                     str(args.model_path), "--ggml_type", ggml_type, "--out", str(path)], timeout)
     return path
 
@@ -208,7 +207,7 @@ def run_engine(name: str, args: argparse.Namespace, device: str, config: dict) -
     kind, what, dtype = ENGINES[name]
     # Activations (and float layers) in the project's default dtype for the device; W8A8 weights where asked.
     activations = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[
-        fused_ops.default_dtype(torch.device(device))] if dtype in ("auto", "w8a8") else dtype
+        default_dtype(torch.device(device))] if dtype in ("auto", "w8a8") else dtype
     dtype = activations if dtype == "auto" else dtype
     record = {"engine": name, "dtype": dtype, "threads": args.threads}
     if kind == "cpp" and device != "cpu":
@@ -227,13 +226,13 @@ def run_engine(name: str, args: argparse.Namespace, device: str, config: dict) -
                  str(args.repeats)]
         if kind == "torch":
             env = {"ENABLE_QUANT": "1", "QUANT_WEIGHT_PATH": str(w8a8_weights(args))} if dtype == "w8a8" else {}
-            result = run_worker([sys.executable, str(HERE / "torch_worker.py"), "--engine", what, "--model_path",
+            result = run_worker([sys.executable, "-m", "benchmarks.torch_worker", "--engine", what, "--model_path",
                                  str(args.model_path), "--dtype", activations, "--device", device, "--batches",
                                  args.batches, "--threads", str(args.threads), *shape], args.timeout, **env)
         else:
             ggml = ggml_file(args, what, args.timeout)
             env, record["threads"] = peer_thread_env(args)
-            result = run_worker([args.peer_python, str(HERE / "chatglm_cpp_worker.py"), "time", "--ggml", str(ggml),
+            result = run_worker([args.peer_python, "-m", "benchmarks.chatglm_cpp_worker", "time", "--ggml", str(ggml),
                                  *shape], args.timeout, **env)
     except (RuntimeError, subprocess.TimeoutExpired) as error:
         return {**record, "error": str(error)}

@@ -3,7 +3,7 @@
 # own virtual environment, so its build never touches the project's environment. Not run by CI.
 #
 #   bash benchmarks/setup_peers.sh [VENV]        # default VENV: ~/.cache/chatglm2-bench/chatglm-cpp-venv
-#   python benchmarks/run_suite.py --peer_python VENV/bin/python ...   (the default VENV needs no flag)
+#   python -m benchmarks.run_suite --peer_python VENV/bin/python ...   (the default VENV needs no flag)
 #
 # Takes 4-8 minutes on 2 cores (ggml and the pybind11 module are compiled; no wheel exists for 0.4.2).
 # The venv sees the system site-packages: the GGML converter needs torch, sentencepiece and transformers' names,

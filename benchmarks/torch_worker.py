@@ -1,26 +1,21 @@
 """One PyTorch engine timed in its own process (so its peak memory is its own); prints one JSON result line.
 
-    python benchmarks/torch_worker.py --engine ours --model_path CKPT --dtype bf16 --batches 1,8
-    python benchmarks/torch_worker.py --engine transformers --model_path CKPT --dtype fp32
+    python -m benchmarks.torch_worker --engine ours --model_path CKPT --dtype bf16 --batches 1,8
+    python -m benchmarks.torch_worker --engine transformers --model_path CKPT --dtype fp32
 
 ours: this project's ChatGLM2ForCausalLM, timed exactly as `main.py --mode performance` times it.
 transformers: GlmForCausalLM with the checkpoint loaded as the parity tests load it (tests/reference_glm.py), SDPA
 attention, a DynamicCache, and the same greedy loop: one prefill over the prompt, then one-token decode steps.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
-
-import fused_ops  # noqa: E402
-from checkpoint import read_config  # noqa: E402
-from common import emit, peak_rss_bytes, prompt_ids, reset_peak_rss, rss_bytes, timing_summary  # noqa: E402
+from benchmarks.common import emit, peak_rss_bytes, prompt_ids, reset_peak_rss, rss_bytes, timing_summary
+from chatglm2.checkpoint import read_config
+from chatglm2.device import synchronize
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WARMUP_NEW_TOKENS = 2
@@ -30,8 +25,8 @@ Runner = Callable[[torch.Tensor, int], tuple[float, list[float]]]
 
 
 def load_ours(model_path: str, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> Runner:
+    from chatglm2.performance import time_generation
     from modeling_chatglm_ascend import ChatGLM2ForCausalLM
-    from performance import time_generation
 
     model = ChatGLM2ForCausalLM.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
 
@@ -42,7 +37,7 @@ def load_ours(model_path: str, device: torch.device, dtype: torch.dtype, max_seq
 
 
 def load_transformers(model_path: str, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> Runner:
-    from reference_glm import glm_reference
+    from tests.reference_glm import glm_reference
 
     model = glm_reference(model_path).to(device=device, dtype=dtype)
     model.set_attn_implementation("sdpa")  # transformers' default; the parity loader picks eager for exactness
@@ -50,16 +45,16 @@ def load_transformers(model_path: str, device: torch.device, dtype: torch.dtype,
     @torch.inference_mode()
     def run(input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
         input_ids = input_ids.to(device)
-        fused_ops.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        fused_ops.synchronize(device)
+        synchronize(device)
         stamps = [time.perf_counter()]
         for _ in range(new_tokens - 1):
             out = model(input_ids=token, cache=out.cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-            fused_ops.synchronize(device)
+            synchronize(device)
             stamps.append(time.perf_counter())
         return stamps[0] - start, [later - earlier for earlier, later in zip(stamps, stamps[1:])]
     return run

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from transformers import GlmConfig, GlmForCausalLM
 
-from checkpoint import iter_tensors
+from chatglm2.checkpoint import iter_tensors
 
 
 def glm_reference(path: str | Path) -> GlmForCausalLM:

@@ -2,20 +2,18 @@
 import csv
 import json
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ceval import EXTRACTION_PROMPT, answer_batch, load_dataset
-from checkpoint import iter_tensors, read_config, write_checkpoint
-from conftest import ROOT, run_env
-from errors import InputError
+from chatglm2.ceval import EXTRACTION_PROMPT, answer_batch, load_dataset
+from chatglm2.checkpoint import iter_tensors, read_config, write_checkpoint
+from chatglm2.errors import InputError
+from chatglm2.tensor_parallel import write_tp_parts
+from helpers import run, torchrun_args
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
-from tensor_parallel import write_tp_parts
 
 # The protocol's 512 new tokens take seconds per batch even for the tiny model; 16 keep the file quick.
 NEW_TOKENS = 16
@@ -67,11 +65,9 @@ def write_csv_dataset(root: Path) -> Path:
 
 def run_ceval(ckpt: Path, dataset: Path, output: Path, batch: int = 8, *extra: str,
               launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    command = [*(launcher or (sys.executable,)), "main.py", "--mode", "precision_dataset", "--model_path", str(ckpt),
-               "--ceval_dataset", str(dataset), "--batch", str(batch), "--precision_output_file", str(output),
-               "--backend", "cpu", "--dtype", "fp32", *extra]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=run_env(CEVAL_MAX_NEW_TOKENS=str(NEW_TOKENS)))
+    return run(*launcher, "main.py", "--mode", "precision_dataset", "--model_path", str(ckpt), "--ceval_dataset",
+               str(dataset), "--batch", str(batch), "--precision_output_file", str(output), "--backend", "cpu",
+               "--dtype", "fp32", *extra, CEVAL_MAX_NEW_TOKENS=str(NEW_TOKENS))
 
 
 def predictions(record: dict) -> dict[str, str]:
@@ -121,6 +117,7 @@ def direct_predictions(ckpt: Path) -> dict[str, str]:
     return answers
 
 
+@pytest.mark.slow
 def test_report_structure_and_predictions_equal_the_protocol(ckpt, jsonl_run):
     records = json.loads(jsonl_run.read_text(encoding="utf-8"))
     assert len(records) == 1 and records[0]["complete"]
@@ -147,6 +144,7 @@ def test_report_structure_and_predictions_equal_the_protocol(ckpt, jsonl_run):
     assert rows[-1]["correct"] == str(correct) and rows[-1]["total"] == str(total)
 
 
+@pytest.mark.slow
 def test_csv_layout_at_batch_1_gives_the_same_predictions_and_is_appended(ckpt, jsonl_dataset, jsonl_run, tmp_path):
     """The CSV release yields the jsonl prompts and labels, so its --batch 1 answers must equal the --batch 8 ones."""
     dataset = write_csv_dataset(tmp_path / "ceval-exam")
@@ -163,6 +161,7 @@ def test_csv_layout_at_batch_1_gives_the_same_predictions_and_is_appended(ckpt, 
     assert predictions(second) == predictions(first)
 
 
+@pytest.mark.slow
 def test_resumes_an_unfinished_run(ckpt, jsonl_dataset, jsonl_run, tmp_path):
     finished = json.loads(jsonl_run.read_text(encoding="utf-8"))[0]
     unfinished = json.loads(json.dumps(finished))
@@ -231,6 +230,7 @@ def test_missing_or_empty_dataset(tmp_path):
         load_dataset(tmp_path)
 
 
+@pytest.mark.slow
 def test_bad_line_stops_the_run_before_writing(ckpt, tmp_path):
     dataset = write_jsonl_dataset(tmp_path / "CEval")
     write(dataset / "val" / "Other" / "civil_servant.jsonl", GOOD_LINE + "\n" + GOOD_LINE.replace("1}", "7}") + "\n")
@@ -240,18 +240,12 @@ def test_bad_line_stops_the_run_before_writing(ckpt, tmp_path):
     assert not output.exists() and not output.with_suffix(".csv").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_tensor_parallel_gives_the_same_predictions(ckpt, jsonl_dataset, jsonl_run, tmp_path):
     split = tmp_path / "ckpt"  # a copy: the parts go inside the checkpoint, as process_weights.py puts them
     shutil.copytree(ckpt, split)
     write_tp_parts(split, 2, show_progress=False)
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()))
+    launcher = tuple(torchrun_args(2))
     output = tmp_path / "tp.json"
     result = run_ceval(split, jsonl_dataset, output, 8, "--tp_size", "2", launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]

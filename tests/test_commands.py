@@ -1,28 +1,13 @@
 """main.py as a user runs it: the modes of the core issue and one-line errors for bad input."""
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_env
+from helpers import assert_one_line_error, main_py
 
-
-def main_py(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, input=stdin, capture_output=True, text=True,
-                          timeout=300, env=run_env(**env))
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit status 2, no traceback, and the last stderr line (after any progress bar) is the only error line."""
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr and [line for line in lines if line.startswith("error: ")] == lines[-1:], \
-        result.stderr
-    for fragment in fragments:
-        assert fragment in lines[-1]
+pytestmark = pytest.mark.slow  # every test here starts the commands as processes
 
 
 def test_precision_single_answers_each_batch_row(tiny_ckpt):

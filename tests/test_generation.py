@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from errors import InputError
+from chatglm2.errors import InputError
+from chatglm2.sampling import guard_invalid_scores, next_token
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
-from sampling import guard_invalid_scores, next_token
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import PROMPTS
+from helpers import PROMPTS
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 from reference_glm import glm_reference
 

@@ -3,16 +3,16 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 
+import pytest
 from matplotlib import image
 
-from conftest import ROOT, run_env
-from test_commands import assert_one_line_error, main_py
-from test_tensor_parallel import process_weights, torchrun
+from helpers import assert_one_line_error, main_py, process_weights, run, torchrun
 
 HEADER = ("Batch,InputSeqLen(Encoding),OutputSeqLen(Decoding),TimeOfFirstToken(ms),TimePerToken(ms),TimeTotal(s),"
           "Throughput(tokens/s),ThroughputE2E(tokens/s)")
+
+pytestmark = pytest.mark.slow  # every test here starts the commands as processes
 
 
 def performance(model_path, csv_path, batch: int, seq_in: str, seq_out: str,
@@ -89,10 +89,9 @@ def test_tensor_parallel_rank0_writes_each_row_once(tiny_ckpt, tmp_path):
 
 
 def test_benchmark_suite_smoke_runs_our_engine(tiny_ckpt, tmp_path):
-    result = subprocess.run([sys.executable, "benchmarks/run_suite.py", "--model_path", str(tiny_ckpt), "--engines",
-                             "ours", "--batches", "1,2", "--prompt_len", "8", "--new_tokens", "3", "--bandwidth_mib",
-                             "64", "--max_wait_quiet", "0", "--results_dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=run_env())
+    result = run("-m", "benchmarks.run_suite", "--model_path", str(tiny_ckpt), "--engines", "ours", "--batches", "1,2",
+                 "--prompt_len", "8", "--new_tokens", "3", "--bandwidth_mib", "64", "--max_wait_quiet", "0",
+                 "--results_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "decode time ÷ ours" in result.stdout
     report = json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))

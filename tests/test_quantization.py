@@ -2,8 +2,6 @@
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,36 +9,25 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-import fused_ops
-import quantization
-from checkpoint import iter_tensors
-from conftest import PROMPTS, ROOT, run_env
-from errors import InputError
-from modeling_chatglm_ascend import ChatGLM2Config, ChatGLM2ForCausalLM, ChatGLM2Tokenizer
-from quantization import FILE_NAMES, NORM_FILE, QuantLinear, RangeObserver
-from tensor_parallel import join_tensor
-from test_tensor_parallel import torchrun
-
-QUESTIONS = ["教师职业道德的核心是____。\nA. 爱岗敬业\nB. 关爱学生\nC. 教书育人\nD. 为人师表",
-             "我国第一部教育学著作是____。\nA. 《学记》\nB. 《论语》\nC. 《大学》\nD. 《中庸》",
-             "今天天气晴朗，适合户外活动，那么学生课外活动的组织形式不包括____。\nA. 群众性活动\nB. 小组活动\nC. 个人活动\nD. 考试"]
-LAYERS = [f"transformer.encoder.layers.1.{name}" for name in quantization.LINEARS]  # layer 0 is float_layers_id
-
-
-def run(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=300,
-                          env=run_env(**env))
-
-
-def quant_env(quant_dir: Path) -> dict:
-    return {"ENABLE_QUANT": "1", "QUANT_WEIGHT_PATH": str(quant_dir)}
-
-
-def write_calibration(path: Path) -> Path:
-    lines = [json.dumps({"inputs_pretokenized": q, "label": i % 4}, ensure_ascii=False) for i, q in enumerate(QUESTIONS)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+from chatglm2 import quant_files
+from chatglm2.checkpoint import iter_tensors
+from chatglm2.config import ChatGLM2Config
+from chatglm2.errors import InputError
+from chatglm2.quant_export import RangeObserver, write_quant_dir
+from chatglm2.quant_files import FILE_NAMES, NORM_FILE
+from chatglm2.quant_linear import QuantLinear, quant_matmul
+from chatglm2.quant_split import write_quant_parts
+from chatglm2.tensor_parallel import join_tensor
+from helpers import (
+    LAYERS,
+    PROMPTS,
+    assert_single_and_chat_run,
+    assert_torchrun_matches,
+    quant_env,
+    run,
+    write_calibration,
+)
+from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +50,7 @@ def arrays(quant_dir: Path, name: str) -> dict[str, np.ndarray]:
     return load_file(quant_dir / f"{name}.safetensors")
 
 
+@pytest.mark.slow
 def test_export_writes_the_eight_dicts(setup):
     ckpt, quant_dir = setup
     float_weights = dict(iter_tensors(ckpt))
@@ -127,16 +115,15 @@ def fake_quant_model(ckpt: Path, quant_dir: Path) -> ChatGLM2ForCausalLM:
     return model
 
 
-def test_quantized_model_equals_the_fake_quant_formulas(setup, monkeypatch):
+@pytest.mark.slow
+def test_quantized_model_equals_the_fake_quant_formulas(setup):
     ckpt, quant_dir = setup
     tokenizer = ChatGLM2Tokenizer.from_pretrained(ckpt)
     batch = tokenizer(PROMPTS)
     real = batch["attention_mask"].bool()
     expected = fake_quant_model(ckpt, quant_dir)
     float_logits = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)(**batch)
-    monkeypatch.setenv("ENABLE_QUANT", "1")
-    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(quant_dir))
-    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32, quant_path=quant_dir)
     assert all(isinstance(model.get_submodule(layer), QuantLinear) for layer in LAYERS)
     assert not any(isinstance(m, QuantLinear) for m in model.transformer.encoder.layers[0].modules())
     assert not isinstance(model.transformer.output_layer, QuantLinear)
@@ -146,8 +133,7 @@ def test_quantized_model_equals_the_fake_quant_formulas(setup, monkeypatch):
     x = torch.randn(5, layer.in_features) * 3
     x_q = torch.clamp(torch.round(x / layer.input_scale + layer.input_offset), -128, 127)
     exact = ((x_q.long() @ weight.long().T + layer.quant_bias).float() * layer.deq_scale)
-    assert torch.equal(fused_ops.quant_matmul(x_q.to(torch.int8), weight.t(), layer.quant_bias, layer.deq_scale,
-                                              torch.float32), exact)
+    assert torch.equal(quant_matmul(x_q.to(torch.int8), weight.t(), layer.quant_bias, layer.deq_scale, torch.float32), exact)
     assert layer.packed_weight is not None  # on CPU the layer runs oneDNN's prepacked kernel: exact up to fp32 rounding
     torch.testing.assert_close(layer(x), exact, rtol=1e-5, atol=1e-5)
 
@@ -157,10 +143,11 @@ def test_quantized_model_equals_the_fake_quant_formulas(setup, monkeypatch):
     assert torch.equal(model.generate(**batch, max_new_tokens=8), expected.generate(**batch, max_new_tokens=8))
 
 
+@pytest.mark.slow
 def test_tp_parts_follow_the_tensor_parallel_rules(setup):
     ckpt, quant_dir = setup
     config = ChatGLM2Config.from_dict(json.loads((ckpt / "config.json").read_text()))
-    parts = {name: [arrays(quant_dir / "tp2", f"{name}{rank}") for rank in range(2)] for name in quantization.PART_NAMES}
+    parts = {name: [arrays(quant_dir / "tp2", f"{name}{rank}") for rank in range(2)] for name in quant_files.PART_NAMES}
     for layer in LAYERS:
         weights = [torch.from_numpy(part[layer]) for part in parts["quant_weight"]]
         assert torch.equal(join_tensor(layer + ".weight", weights, config),
@@ -175,33 +162,14 @@ def test_tp_parts_follow_the_tensor_parallel_rules(setup):
             assert torch.equal(join_tensor(layer + ".bias", deq_scales, config), full_deq)
 
 
-def test_torchrun_tp2_equals_tp1(setup, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_torchrun_tp2_equals_tp1(setup, tmp_path):
     ckpt, quant_dir = setup
-    result = torchrun(2, "tests/tp_worker.py", str(ckpt), "2", str(tmp_path), **quant_env(quant_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    monkeypatch.setenv("ENABLE_QUANT", "1")
-    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(quant_dir))
-    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
-    batch = ChatGLM2Tokenizer.from_pretrained(ckpt)(PROMPTS)
-    real = batch["attention_mask"].bool()
-    assert (ranks[0]["logits"][real] - model(**batch)[real]).abs().max().item() < 1e-4
-    assert torch.equal(ranks[0]["greedy"], model.generate(**batch, max_new_tokens=12))
-    assert torch.equal(ranks[1]["greedy"], ranks[0]["greedy"]) and torch.equal(ranks[1]["sampled"], ranks[0]["sampled"])
+    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32, quant_path=quant_dir)
+    assert_torchrun_matches(model, ckpt, 2, tmp_path, **quant_env(quant_dir))
 
 
-def assert_single_and_chat_run(ckpt: Path, env: dict) -> None:
-    """precision_single answers both batch rows and cli_demo both turns, with the given environment."""
-    single = run("main.py", "--mode", "precision_single", "--model_path", str(ckpt), "--batch", "2", MAX_SEQ_LEN="120",
-                 **env)
-    assert single.returncode == 0, single.stderr
-    assert len([line for line in single.stdout.splitlines() if line.startswith("[batch")]) == 2
-    chat = run("main.py", "--mode", "cli_demo", "--model_path", str(ckpt), stdin="你好\nclear\n再见\n", MAX_SEQ_LEN="120",
-               **env)
-    assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.count("ChatGLM：") == 2
-
-
+@pytest.mark.slow
 def test_every_main_mode_runs_quantized(setup, tmp_path):
     ckpt, quant_dir = setup
     env = quant_env(quant_dir)
@@ -214,15 +182,15 @@ def test_every_main_mode_runs_quantized(setup, tmp_path):
     assert ceval.returncode == 0, ceval.stderr
     assert json.loads((tmp_path / "result.json").read_text())
 
-    if (ROOT / "performance.py").exists():
-        csv = tmp_path / "performance.csv"
-        performance = run("main.py", "--mode", "performance", "--model_path", str(ckpt), "--seqlen_in_pair", "16",
-                          "--seqlen_out_pair", "4", "--performance_output_file", str(csv), **env)
-        assert performance.returncode == 0, performance.stderr
-        assert len(csv.read_text().splitlines()) == 2
+    csv = tmp_path / "performance.csv"
+    performance = run("main.py", "--mode", "performance", "--model_path", str(ckpt), "--seqlen_in_pair", "16",
+                      "--seqlen_out_pair", "4", "--performance_output_file", str(csv), **env)
+    assert performance.returncode == 0, performance.stderr
+    assert len(csv.read_text().splitlines()) == 2
 
 
-def test_files_written_by_modelslim_load(setup, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_files_written_by_modelslim_load(setup, tmp_path):
     """np.save'd dicts only (pickle protocol 4, no safetensors) with deq_scale as the int64 form of the fp32 bits."""
     ckpt, quant_dir = setup
     modelslim = tmp_path / "modelslim"
@@ -233,13 +201,10 @@ def test_files_written_by_modelslim_load(setup, tmp_path, monkeypatch):
             values = {key: value.view(np.int32).astype(np.int64) for key, value in values.items()}  # sign-extended
         np.save(modelslim / f"{name}.npy", values, allow_pickle=True)
     shutil.copy(quant_dir / f"{NORM_FILE}.npy", modelslim)
-    quantization.write_quant_parts(ckpt, modelslim, 1, show_progress=False)
-    monkeypatch.setenv("ENABLE_QUANT", "1")
+    write_quant_parts(ckpt, modelslim, 1, show_progress=False)
     batch = ChatGLM2Tokenizer.from_pretrained(ckpt)(PROMPTS)
-    logits = {}
-    for path in (quant_dir, modelslim):
-        monkeypatch.setenv("QUANT_WEIGHT_PATH", str(path))
-        logits[path] = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)(**batch)
+    logits = {path: ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32, quant_path=path)(**batch)
+              for path in (quant_dir, modelslim)}
     assert torch.equal(logits[quant_dir], logits[modelslim])
 
 
@@ -257,11 +222,11 @@ def test_pickles_that_would_run_code_are_refused(tmp_path):
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(holder))
         pickle.dump(holder, f, protocol=4)
     with pytest.raises(InputError, match="pathlib.*refusing to load it"):
-        quantization.read_dict(tmp_path, "input_scale")
+        quant_files.read_dict(tmp_path, "input_scale")
     assert not (tmp_path / "pwned").exists()
     np.save(tmp_path / "plain.npy", np.zeros(3))
     with pytest.raises(InputError, match="not the dict of arrays"):
-        quantization.read_dict(tmp_path, "plain")
+        quant_files.read_dict(tmp_path, "plain")
 
 
 def broken_copy(quant_dir: Path, tmp_path: Path, name: str) -> Path:
@@ -270,6 +235,7 @@ def broken_copy(quant_dir: Path, tmp_path: Path, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_bad_quantized_weights_give_one_clear_error(setup, tmp_path, monkeypatch):
     ckpt, quant_dir = setup
     monkeypatch.setenv("ENABLE_QUANT", "1")
@@ -280,20 +246,18 @@ def test_bad_quantized_weights_give_one_clear_error(setup, tmp_path, monkeypatch
     missing = broken_copy(quant_dir, tmp_path, "missing")
     (missing / "weight_offset.npy").unlink()
     (missing / "weight_offset.safetensors").unlink()
-    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(missing))
+    monkeypatch.delenv("ENABLE_QUANT")
     with pytest.raises(InputError, match="lacks weight_offset.npy"):
-        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", quant_path=missing)
 
-    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(quant_dir))
     with pytest.raises(InputError, match=r"no quantized parts for tp_size 4 \(only tp1, tp2\)"):
-        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", tp_size=4)
+        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", tp_size=4, quant_path=quant_dir)
 
     other_tp = broken_copy(quant_dir, tmp_path, "other_tp")
     shutil.rmtree(other_tp / "tp1")
     (other_tp / "tp2").rename(other_tp / "tp1")
-    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(other_tp))
     with pytest.raises(InputError, match="written for tp_size 2"):
-        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", quant_path=other_tp)
 
     for case, change, message in [
             ("no_layer", lambda d: d.pop(LAYERS[2]), "has no entry for transformer.encoder.layers.1.mlp.dense_h_to_4h"),
@@ -301,12 +265,11 @@ def test_bad_quantized_weights_give_one_clear_error(setup, tmp_path, monkeypatch
         broken = broken_copy(quant_dir, tmp_path, case)
         weights = dict(arrays(broken, "quant_weight"))
         change(weights)
-        quantization.write_dict(broken, "quant_weight", weights)
+        quant_files.write_dict(broken, "quant_weight", weights)
         with pytest.raises(InputError, match=message):
-            quantization.write_quant_parts(ckpt, broken, 1, show_progress=False)
-        monkeypatch.setenv("QUANT_WEIGHT_PATH", str(broken))  # the old parts no longer match the files
-        with pytest.raises(InputError, match="cut from other quantized weights"):
-            ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+            write_quant_parts(ckpt, broken, 1, show_progress=False)
+        with pytest.raises(InputError, match="cut from other quantized weights"):  # the old parts no longer match
+            ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", quant_path=broken)
 
     result = run("main.py", "--mode", "precision_single", "--model_path", str(ckpt), ENABLE_QUANT="1",
                  QUANT_WEIGHT_PATH=str(tmp_path / "nowhere"))
@@ -314,6 +277,7 @@ def test_bad_quantized_weights_give_one_clear_error(setup, tmp_path, monkeypatch
     assert result.stderr.strip().splitlines()[-1].startswith("error: QUANT_WEIGHT_PATH") and "does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_export_flags(setup, tmp_path):
     ckpt, _ = setup
     dataset = write_calibration(tmp_path / "calib.jsonl")
@@ -324,11 +288,11 @@ def test_export_flags(setup, tmp_path):
     plain = run("export_quant_weight.py", "--float_weight", str(ckpt), "--data_path", str(dataset), "--quant_weight",
                 str(tmp_path / "q"), "--no-smooth", "--act_method", "percentile", "--percentile", "99.9")
     assert plain.returncode == 0, plain.stderr
-    assert not quantization.missing_files(tmp_path / "q") and quantization.dict_file(tmp_path / "q", NORM_FILE) is None
+    assert not quant_files.missing_files(tmp_path / "q") and quant_files.dict_file(tmp_path / "q", NORM_FILE) is None
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(InputError, match="holds no quantized weights"):
-        quantization.write_quant_dir(tmp_path / "precious", {name: {} for name in FILE_NAMES})
+        write_quant_dir(tmp_path / "precious", {name: {} for name in FILE_NAMES})
     assert (tmp_path / "precious" / "notes.txt").exists()
 
 

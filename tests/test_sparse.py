@@ -8,15 +8,14 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-import quantization
-import sparse_compress
-from conftest import PROMPTS
-from errors import InputError
+from chatglm2 import quant_files, sparse_format
+from chatglm2.errors import InputError
+from chatglm2.quant_export import export, prune_weight
+from chatglm2.quant_linear import QuantLinear
+from chatglm2.quant_split import write_quant_parts
+from chatglm2.sparse_format import compress_layer, decompress_layer
+from helpers import LAYERS, PROMPTS, assert_single_and_chat_run, assert_torchrun_matches, run, write_calibration
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
-from quantization import QuantLinear, prune_weight
-from sparse_compress import compress_layer, decompress_layer
-from test_quantization import LAYERS, assert_single_and_chat_run, run, write_calibration
-from test_tensor_parallel import torchrun
 
 
 def sparse_env(quant_dir: Path, compress_dir: Path) -> dict:
@@ -79,6 +78,7 @@ def test_compress_round_trip(shape):
             decompress_layer(found, (shape[0], shape[1] + 4), values, index)
 
 
+@pytest.mark.slow
 def test_export_prunes_then_quantizes(setup, tmp_path):
     ckpt, quant_dir, root = setup
     weights = load_file(quant_dir / "quant_weight.safetensors")
@@ -86,54 +86,46 @@ def test_export_prunes_then_quantizes(setup, tmp_path):
         in_features = weights[layer].shape[1]
         assert ((weights[layer] == 0).sum(1) >= in_features // 2).all()  # pruned half; rounding may zero more
     prompts = [ChatGLM2Tokenizer.from_pretrained(ckpt).encode(p) for p in PROMPTS]
-    quantization.export(ckpt, prompts, tmp_path / "q24", show_progress=False, sparse_pattern="2:4")
+    export(ckpt, prompts, tmp_path / "q24", show_progress=False, sparse_pattern="2:4")
     weights = load_file(tmp_path / "q24" / "quant_weight.safetensors")
-    assert all(sparse_compress.is_2_4(weights[layer]) for layer in LAYERS)
+    assert all(sparse_format.is_2_4(weights[layer]) for layer in LAYERS)
 
 
+@pytest.mark.slow
 def test_compressed_files_decompress_to_the_parts(setup):
     _, quant_dir, root = setup
     for tp_size in (1, 2):
         info = json.loads((root / f"compress_tp{tp_size}" / "compress0" / "info.json").read_text())
-        assert info["tp_size"] == tp_size and info["version"] == sparse_compress.VERSION
+        assert info["tp_size"] == tp_size and info["version"] == sparse_format.VERSION
         assert sorted(p.name for p in (root / f"compress_tp{tp_size}").iterdir()) == [f"compress{i}" for i in range(tp_size)]
         for rank in range(tp_size):
-            weights = sparse_compress.rank_weights(root / f"compress_tp{tp_size}", quant_dir, rank, tp_size)[0]
+            weights = sparse_format.rank_weights(root / f"compress_tp{tp_size}", quant_dir, rank, tp_size)[0]
             parts = load_file(quant_dir / f"tp{tp_size}" / f"quant_weight{rank}.safetensors")
             assert set(weights) == set(parts) == set(LAYERS)
             assert all(np.array_equal(weights[layer], parts[layer]) for layer in LAYERS)
 
 
-def test_sparse_inference_equals_w8a8_on_the_same_weights(setup, monkeypatch):
+@pytest.mark.slow
+def test_sparse_inference_equals_w8a8_on_the_same_weights(setup):
     ckpt, quant_dir, root = setup
     batch = ChatGLM2Tokenizer.from_pretrained(ckpt)(PROMPTS)
-    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(quant_dir))
-    monkeypatch.setenv("ENABLE_QUANT", "1")
-    w8a8 = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
-    monkeypatch.delenv("ENABLE_QUANT")
-    monkeypatch.setenv("ENABLE_SPARSE", "1")
-    monkeypatch.setenv("COMPRESS_WEIGHT_PATH", str(root / "compress_tp1"))
-    sparse = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+    w8a8 = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32, quant_path=quant_dir)
+    sparse = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32, quant_path=quant_dir,
+                                                 compress_path=root / "compress_tp1")
     assert all(isinstance(sparse.get_submodule(layer), QuantLinear) for layer in LAYERS)
     assert torch.equal(sparse(**batch), w8a8(**batch))
     assert torch.equal(sparse.generate(**batch, max_new_tokens=8), w8a8.generate(**batch, max_new_tokens=8))
 
 
-def test_torchrun_tp2_sparse_equals_tp1(setup, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_torchrun_tp2_sparse_equals_tp1(setup, tmp_path):
     ckpt, quant_dir, root = setup
-    result = torchrun(2, "tests/tp_worker.py", str(ckpt), "2", str(tmp_path), **sparse_env(quant_dir, root / "compress_tp2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for name, value in sparse_env(quant_dir, root / "compress_tp1").items():
-        monkeypatch.setenv(name, value)
-    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
-    batch = ChatGLM2Tokenizer.from_pretrained(ckpt)(PROMPTS)
-    real = batch["attention_mask"].bool()
-    assert (ranks[0]["logits"][real] - model(**batch)[real]).abs().max().item() < 1e-4
-    assert torch.equal(ranks[0]["greedy"], model.generate(**batch, max_new_tokens=12))
-    assert torch.equal(ranks[1]["greedy"], ranks[0]["greedy"])
+    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32, quant_path=quant_dir,
+                                                compress_path=root / "compress_tp1")
+    assert_torchrun_matches(model, ckpt, 2, tmp_path, **sparse_env(quant_dir, root / "compress_tp2"))
 
 
+@pytest.mark.slow
 def test_main_modes_run_sparse(setup):
     ckpt, quant_dir, root = setup
     assert_single_and_chat_run(ckpt, sparse_env(quant_dir, root / "compress_tp1"))
@@ -148,6 +140,7 @@ def corrupt(compress_dir: Path, tmp_path: Path, name: str, change) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_bad_compressed_weights_give_one_clear_error(setup, tmp_path, monkeypatch):
     ckpt, quant_dir, root = setup
     monkeypatch.setenv("ENABLE_SPARSE", "1")
@@ -155,6 +148,7 @@ def test_bad_compressed_weights_give_one_clear_error(setup, tmp_path, monkeypatc
     monkeypatch.delenv("COMPRESS_WEIGHT_PATH", raising=False)
     with pytest.raises(InputError, match="ENABLE_SPARSE=1 needs COMPRESS_WEIGHT_PATH"):
         ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+    monkeypatch.delenv("ENABLE_SPARSE")
 
     def flip_last_byte(data: bytearray) -> bytearray:
         data[-1] ^= 0xFF
@@ -165,18 +159,16 @@ def test_bad_compressed_weights_give_one_clear_error(setup, tmp_path, monkeypatc
             (root / "compress_tp1", 2, "compressed for tp_size 1, not 2"),
             (corrupt(root / "compress_tp1", tmp_path, "flipped", flip_last_byte), 1, "does not match the checksum"),
             (corrupt(root / "compress_tp1", tmp_path, "truncated", lambda d: d[:-5]), 1, "not a readable safetensors")]:
-        monkeypatch.setenv("COMPRESS_WEIGHT_PATH", str(compress_dir))
         with pytest.raises(InputError, match=message):
-            ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", tp_size=tp_size)
+            ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", tp_size=tp_size, quant_path=quant_dir,
+                                                compress_path=compress_dir)
 
     # parts cut again (another export) make the compressed weights stale
     other = tmp_path / "other_quant"
     shutil.copytree(quant_dir, other)
-    quantization.write_quant_parts(ckpt, other, 1, show_progress=False)
-    monkeypatch.setenv("QUANT_WEIGHT_PATH", str(other))
-    monkeypatch.setenv("COMPRESS_WEIGHT_PATH", str(root / "compress_tp1"))
+    write_quant_parts(ckpt, other, 1, show_progress=False)
     with pytest.raises(InputError, match="compressed from other quantized weights"):
-        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu")
+        ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", quant_path=other, compress_path=root / "compress_tp1")
 
     result = run("main.py", "--mode", "precision_single", "--model_path", str(ckpt), ENABLE_SPARSE="1",
                  QUANT_WEIGHT_PATH=str(quant_dir), COMPRESS_WEIGHT_PATH=str(tmp_path / "nowhere"))
@@ -184,6 +176,7 @@ def test_bad_compressed_weights_give_one_clear_error(setup, tmp_path, monkeypatc
     assert result.stderr.strip().splitlines()[-1].startswith("error: COMPRESS_WEIGHT_PATH")
 
 
+@pytest.mark.slow
 def test_generate_compress_weight_refusals(setup, tmp_path):
     ckpt, quant_dir, root = setup
     several = run("generate_compress_weight.py", "--weight_path", str(quant_dir), "--save_path", str(tmp_path / "c"))
@@ -192,8 +185,8 @@ def test_generate_compress_weight_refusals(setup, tmp_path):
     shutil.copytree(quant_dir, dense)
     sparse = load_file(quant_dir / "quant_weight.safetensors")
     weights = {layer: np.where(weight == 0, 1, weight).astype(np.int8) for layer, weight in sparse.items()}
-    quantization.write_dict(dense, "quant_weight", weights)
-    quantization.write_quant_parts(ckpt, dense, 1, show_progress=False)
+    quant_files.write_dict(dense, "quant_weight", weights)
+    write_quant_parts(ckpt, dense, 1, show_progress=False)
     refused = run("generate_compress_weight.py", "--weight_path", str(dense), "--save_path", str(tmp_path / "c"),
                   "--tp_size", "1")
     assert refused.returncode == 2 and "is not sparse" in refused.stderr and not (tmp_path / "c").exists()

@@ -1,36 +1,18 @@
 """Tensor parallel with real torchrun processes on CPU (gloo) against the single-process model."""
 import json
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoint import iter_tensors
-from conftest import PROMPTS, ROOT, run_env
-from modeling_chatglm_ascend import ChatGLM2Config, ChatGLM2ForCausalLM, ChatGLM2Tokenizer
-from tensor_parallel import join_tensor, part_root
+from chatglm2.checkpoint import iter_tensors
+from chatglm2.config import ChatGLM2Config
+from chatglm2.tensor_parallel import join_tensor, part_root
+from helpers import assert_torchrun_matches, main_py, process_weights, torchrun
+from modeling_chatglm_ascend import ChatGLM2ForCausalLM
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    return subprocess.run(command, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=300,
-                          env=run_env(**env))
-
-
-def process_weights(model_path: Path, tp_size: int, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "process_weights.py", "--model_path", str(model_path), "--tp_size",
-                           str(tp_size), *extra], cwd=ROOT, capture_output=True, text=True, timeout=300, env=run_env())
+pytestmark = pytest.mark.slow  # every test here starts the commands as processes
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +38,13 @@ def test_split_then_join_reproduces_every_tensor(split_ckpt, tp_size):
 
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_torchrun_matches_single_process(split_ckpt, tp_size, tmp_path):
-    result = torchrun(tp_size, "tests/tp_worker.py", str(split_ckpt), str(tp_size), str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(tp_size)]
-    tokenizer = ChatGLM2Tokenizer.from_pretrained(split_ckpt)
     model = ChatGLM2ForCausalLM.from_pretrained(split_ckpt, device="cpu", dtype=torch.float32)
-    batch = tokenizer(PROMPTS)
-    real = batch["attention_mask"].bool()
-    assert (ranks[0]["logits"][real] - model(**batch)[real]).abs().max().item() < 1e-4
-    assert torch.equal(ranks[0]["greedy"], model.generate(**batch, max_new_tokens=12))
-    for other in ranks[1:]:
-        assert torch.equal(other["greedy"], ranks[0]["greedy"])
-        assert torch.equal(other["sampled"], ranks[0]["sampled"])
+    assert_torchrun_matches(model, split_ckpt, tp_size, tmp_path)
 
 
 def test_main_modes_under_torchrun_print_once_and_match_tp1(split_ckpt):
-    single = subprocess.run([sys.executable, "main.py", "--mode", "precision_single", "--model_path", str(split_ckpt),
-                             "--batch", "2", "--dtype", "fp32"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env=run_env(MAX_SEQ_LEN="160"))
+    single = main_py("--mode", "precision_single", "--model_path", str(split_ckpt), "--batch", "2", "--dtype", "fp32",
+                     MAX_SEQ_LEN="160")
     assert single.returncode == 0, single.stderr
     parallel = torchrun(2, "main.py", "--mode", "precision_single", "--model_path", str(split_ckpt), "--batch", "2",
                         "--dtype", "fp32", "--tp_size", "2", MAX_SEQ_LEN="160")

@@ -1,21 +1,15 @@
 """web_demo.py end to end: the real server on a random checkpoint, driven by headless Chromium, gradio_client and
 torchrun."""
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from gradio_client import Client
 from playwright.sync_api import expect, sync_playwright
 
-from conftest import ROOT, run_env
-from tensor_parallel import write_tp_parts
+from chatglm2.tensor_parallel import write_tp_parts
+from helpers import free_port, kill_all, rank0_pid, run, start_server, stop, torchrun_args
 
 CHROMIUM = "/usr/bin/chromium"
 # Playwright adds --headless and a fresh --user-data-dir (the profile folder below) itself.
@@ -35,52 +29,7 @@ WATCH_ANSWERS = """() => {
     }).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(command: list[str], port: int, log: Path) -> subprocess.Popen:
-    """Start the command in its own process group (see kill_all) and return once the page answers on `port`."""
-    process = subprocess.Popen(command, cwd=ROOT, env=run_env(**SERVER_ENV), stdout=log.open("w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
-            return process
-        except OSError:
-            time.sleep(0.5)
-    kill_all(process)
-    pytest.fail(f"server did not start in 120 s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen, pid: int | None = None) -> int:
-    """SIGTERM to `pid` (default: the process), as torchrun or a service manager sends; the exit status."""
-    os.kill(pid or process.pid, signal.SIGTERM)
-    try:
-        return process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        kill_all(process)
-        raise
-
-
-def kill_all(process: subprocess.Popen) -> None:
-    """The process and whatever it started (torchrun's workers outlive a killed torchrun)."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def rank0_pid(torchrun: subprocess.Popen) -> int:
-    """The worker that torchrun started with RANK=0 (the one serving the page)."""
-    for pid in Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split():
-        environ = Path(f"/proc/{pid}/environ").read_text(errors="replace").split("\0")
-        if "RANK=0" in environ:
-            return int(pid)
-    raise AssertionError("torchrun has no RANK=0 worker")
+pytestmark = pytest.mark.slow  # every test here starts the commands as processes
 
 
 def answer(chatbot: list[dict]) -> str:
@@ -97,8 +46,8 @@ def ask(client: Client, query: str, max_length: int = 64) -> list[dict]:
 def server(tiny_ckpt, tmp_path_factory) -> str:
     port = free_port()
     log = tmp_path_factory.mktemp("web") / "server.log"
-    process = start_server([sys.executable, "web_demo.py", "--model_path", str(tiny_ckpt), "--server_port", str(port)],
-                           port, log)
+    process = start_server(["web_demo.py", "--model_path", str(tiny_ckpt), "--server_port", str(port)], port, log,
+                           **SERVER_ENV)
     yield f"http://127.0.0.1:{port}/"
     assert stop(process) == 0, log.read_text()[-3000:]
 
@@ -160,8 +109,7 @@ def test_port_in_use_is_one_line_and_exit_2(tiny_ckpt):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "web_demo.py", "--model_path", str(tiny_ckpt), "--server_port",
-                                 str(port)], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+        result = run("web_demo.py", "--model_path", str(tiny_ckpt), "--server_port", str(port), timeout=120)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
                                           f"pick a free port with --server_port"]
@@ -171,9 +119,8 @@ def test_torchrun_two_ranks_answer_cancel_and_stop_with_rank0(tiny_ckpt, tmp_pat
     model_path = tmp_path / "tp2"  # the split checkpoint, usable as --model_path
     write_tp_parts(tiny_ckpt, 2, model_path, show_progress=False)
     port = free_port()
-    torchrun = start_server([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                             "127.0.0.1", "--master_port", str(free_port()), "web_demo.py", "--model_path",
-                             str(model_path), "--tp_size", "2", "--server_port", str(port)], port, tmp_path / "log")
+    torchrun = start_server([*torchrun_args(2), "web_demo.py", "--model_path", str(model_path), "--tp_size", "2",
+                             "--server_port", str(port)], port, tmp_path / "log", **SERVER_ENV)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         assert answer(ask(client, "你好"))

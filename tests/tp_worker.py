@@ -1,20 +1,17 @@
-"""Run under torchrun by test_tensor_parallel.py: each rank saves its logits, greedy and sampled tokens."""
+"""Run under torchrun by the tensor-parallel tests: each rank saves its logits, greedy and sampled tokens."""
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import distributed  # noqa: E402
-from conftest import PROMPTS  # noqa: E402
-from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer  # noqa: E402
+from chatglm2 import collectives
+from helpers import PROMPTS
+from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
 
 def main(model_path: str, tp_size: int, out_dir: str) -> None:
     device = torch.device("cpu")
-    tp_rank = distributed.init_tensor_parallel(tp_size, device)
+    tp_rank = collectives.init_tensor_parallel(tp_size, device)
     tokenizer = ChatGLM2Tokenizer.from_pretrained(model_path)
     model = ChatGLM2ForCausalLM.from_pretrained(model_path, device=device, dtype=torch.float32, tp_rank=tp_rank,
                                                 tp_size=tp_size)
@@ -22,7 +19,7 @@ def main(model_path: str, tp_size: int, out_dir: str) -> None:
     result = {"logits": model(**batch), "greedy": model.generate(**batch, max_new_tokens=12),
               "sampled": model.generate(**batch, max_new_tokens=12, do_sample=True, top_p=0.9, temperature=1.5)}
     torch.save(result, Path(out_dir) / f"rank{tp_rank}.pt")
-    distributed.shutdown()
+    collectives.shutdown()
 
 
 if __name__ == "__main__":

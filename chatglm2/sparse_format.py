@@ -17,7 +17,6 @@ Decompression rebuilds quant_weight exactly, at load, so memory and arithmetic t
 """
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
@@ -25,9 +24,9 @@ from typing import Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
-from atomic import atomic_directory, write_text_atomic
-from errors import InputError
-from quantization import PARTS_META, SafetensorsDict, dict_file, env_switch, files_fingerprint, read_dict
+from chatglm2.atomic import atomic_directory, write_text_atomic
+from chatglm2.errors import InputError
+from chatglm2.quant_files import PARTS_META, SafetensorsDict, dict_file, files_fingerprint, read_dict
 
 FORMAT, VERSION = "chatglm2-sparse-int8", 1
 INFO, VALUES, INDEX = "info.json", "values.safetensors", "index.safetensors"
@@ -172,15 +171,9 @@ def read_info(compress_path: Path, rank: int, tp_size: int, part_dir: Path) -> d
     return info
 
 
-def inference_compress_path(quant_path: Path | None, tp_size: int) -> Path | None:
-    """COMPRESS_WEIGHT_PATH when ENABLE_SPARSE=1, after checking (before the long float load) that it holds every
-    rank's info record and readable files made from QUANT_WEIGHT_PATH's tp{tp_size} parts; None otherwise."""
-    if quant_path is None or not env_switch("ENABLE_SPARSE"):
-        return None
-    if not os.environ.get("COMPRESS_WEIGHT_PATH"):
-        raise InputError("ENABLE_SPARSE=1 needs COMPRESS_WEIGHT_PATH, the folder generate_compress_weight.py wrote; "
-                         "export COMPRESS_WEIGHT_PATH=... (or unset ENABLE_SPARSE)")
-    compress_path = Path(os.environ["COMPRESS_WEIGHT_PATH"])
+def check_compressed(compress_path: Path, quant_path: Path, tp_size: int) -> None:
+    """compress_path holds every rank's info record and readable files made from quant_path's tp{tp_size} parts
+    (checked before the long float load)."""
     if not compress_path.is_dir():
         raise InputError(f"COMPRESS_WEIGHT_PATH {compress_path} does not exist; run generate_compress_weight.py first")
     extra = compress_path / f"compress{tp_size}"
@@ -191,7 +184,6 @@ def inference_compress_path(quant_path: Path | None, tp_size: int) -> Path | Non
         read_info(compress_path, rank, tp_size, quant_path / f"tp{tp_size}")
         for name in (VALUES, INDEX):
             SafetensorsDict(compress_path / f"compress{rank}" / name)  # raises for a truncated or unreadable file
-    return compress_path
 
 
 class CompressedWeights(Mapping):
@@ -223,6 +215,6 @@ class CompressedWeights(Mapping):
 
 
 def rank_weights(compress_path: Path, quant_path: Path, rank: int, tp_size: int) -> tuple[CompressedWeights, Path]:
-    """This rank's decompressed quant_weight dict and its folder, for quantization.quantize_model."""
+    """This rank's decompressed quant_weight dict and its folder, for the W8A8 loader."""
     weights = CompressedWeights(compress_path, rank, tp_size, quant_path / f"tp{tp_size}")
     return weights, weights.dir

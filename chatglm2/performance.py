@@ -4,7 +4,6 @@ For each (seqlen_in, seqlen_out) pair: `--batch` copies of a prompt filled to ex
 generation of exactly seqlen_out tokens (EOS ignored), after one warm-up. First-token time is the prefill, per-token
 time the mean decode step, total the whole generation; under tensor parallel each is the slowest rank's.
 """
-import argparse
 import csv
 import math
 import statistics
@@ -14,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-import distributed
-import fused_ops
-from atomic import atomic_file, write_text_atomic
-from errors import InputError
-from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
+from chatglm2 import collectives
+from chatglm2.atomic import atomic_file, write_text_atomic
+from chatglm2.device import synchronize
+from chatglm2.errors import InputError
+from chatglm2.model import ChatGLM2ForCausalLM
+from chatglm2.tokenizer import ChatGLM2Tokenizer
 
 HEADER = ("Batch,InputSeqLen(Encoding),OutputSeqLen(Decoding),TimeOfFirstToken(ms),TimePerToken(ms),TimeTotal(s),"
           "Throughput(tokens/s),ThroughputE2E(tokens/s)")
@@ -80,11 +80,11 @@ def time_generation(model: ChatGLM2ForCausalLM, input_ids: torch.Tensor, max_new
     gap one decode step; synchronizing first makes queued device work count where it ran.
     """
     device = model.device
-    fused_ops.synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     stamps, tokens = [], []
     for token in model.generate_stream(input_ids, max_new_tokens=max_new_tokens, ignore_eos=True):
-        fused_ops.synchronize(device)
+        synchronize(device)
         stamps.append(time.perf_counter())
         tokens.append(token)
     steps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
@@ -163,29 +163,29 @@ def print_table_row(cells: list[str]) -> None:
     print("  ".join(cell.rjust(width) for cell, width in zip(cells, map(len, HEADER.split(",")))), flush=True)
 
 
-def run_performance(args: argparse.Namespace, model: ChatGLM2ForCausalLM, tokenizer: ChatGLM2Tokenizer) -> None:
-    """Time every (seqlen_in, seqlen_out) pair, append to --performance_output_file, redraw its chart."""
-    pairs = list(zip(args.seqlen_in_pair, args.seqlen_out_pair))
-    output_file = Path(args.performance_output_file)
-    rank0 = distributed.is_rank0()
+def run_performance(model: ChatGLM2ForCausalLM, tokenizer: ChatGLM2Tokenizer, batch: int, pairs: list[tuple[int, int]],
+                    output_file: str | Path, print_response: bool = False) -> None:
+    """Time every (seqlen_in, seqlen_out) pair, append to output_file, redraw its chart."""
+    output_file = Path(output_file)
+    rank0 = collectives.is_rank0()
     # Rank 0 owns the file; every rank learns its verdict so that all stop together, before any timing.
-    problem = distributed.broadcast_object(output_file_problem(output_file) if rank0 else None)
+    problem = collectives.broadcast_object(output_file_problem(output_file) if rank0 else None)
     if problem:
         raise InputError(problem)
     warmup_in = min(seq_in for seq_in, _ in pairs)
-    time_generation(model, filled_prompt(tokenizer, warmup_in, args.batch), WARMUP_NEW_TOKENS)
+    time_generation(model, filled_prompt(tokenizer, warmup_in, batch), WARMUP_NEW_TOKENS)
     if rank0:
         print_table_row(HEADER.split(","))
     for seq_in, seq_out in pairs:
-        times = time_generation(model, filled_prompt(tokenizer, seq_in, args.batch), seq_out)
-        timing = Timing(args.batch, seq_in, seq_out, distributed.all_ranks_max(times.prefill_s) * 1000,
-                        distributed.all_ranks_max(statistics.fmean(times.step_s)) * 1000,
-                        distributed.all_ranks_max(times.total_s))
+        times = time_generation(model, filled_prompt(tokenizer, seq_in, batch), seq_out)
+        timing = Timing(batch, seq_in, seq_out, collectives.all_ranks_max(times.prefill_s) * 1000,
+                        collectives.all_ranks_max(statistics.fmean(times.step_s)) * 1000,
+                        collectives.all_ranks_max(times.total_s))
         if rank0:
             append_row(output_file, timing)
             print_table_row(timing.csv_row().split(","))
-            if args.print_response:
-                print(f"[input {seq_in}, output {seq_out}, batch row 0 of {args.batch}] "
+            if print_response:
+                print(f"[input {seq_in}, output {seq_out}, batch row 0 of {batch}] "
                       f"{tokenizer.decode(times.tokens[0]).strip()}", flush=True)
     if rank0:
         print(f"rows appended to {output_file}; chart {write_chart(output_file)}", flush=True)

@@ -5,7 +5,7 @@ from typing import Sequence
 import sentencepiece
 import torch
 
-from errors import InputError
+from chatglm2.errors import InputError
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 

@@ -7,10 +7,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from errors import InputError
+from chatglm2.errors import InputError
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
-COLLECTIVE_TIMEOUT_S = int(os.environ.get("TP_TIMEOUT_S", "600"))
 
 
 def launched_world_size() -> int:
@@ -30,13 +29,14 @@ def check_tp_size(tp_size: int) -> None:
                          f"launch with torchrun --nproc_per_node {tp_size}")
 
 
-def init_tensor_parallel(tp_size: int, device: torch.device) -> int:
-    """Join the torchrun process group on `device`'s backend; returns this process's tp_rank."""
+def init_tensor_parallel(tp_size: int, device: torch.device, timeout_s: int = 600) -> int:
+    """Join the torchrun process group on `device`'s backend; returns this process's tp_rank. Every collective
+    waits at most timeout_s, so a dead rank ends the run instead of hanging it."""
     check_tp_size(tp_size)
     if tp_size == 1:
         return 0
     if not dist.is_initialized():
-        dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        dist.init_process_group(BACKENDS[device.type], timeout=timedelta(seconds=timeout_s),
                                 rank=launched_rank(), world_size=tp_size)
     return dist.get_rank()
 

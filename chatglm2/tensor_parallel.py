@@ -11,10 +11,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from atomic import atomic_directory
-from checkpoint import (INDEX_FILES, SINGLE_FILES, files_fingerprint, iter_shards, read_config, save_shard,
-                        shard_file_name, weight_files, write_config_and_tokenizer, write_index)
-from errors import InputError
+from chatglm2.atomic import atomic_directory
+from chatglm2.checkpoint import (
+    INDEX_FILES,
+    SINGLE_FILES,
+    files_fingerprint,
+    iter_shards,
+    read_config,
+    save_shard,
+    shard_file_name,
+    weight_files,
+    write_config_and_tokenizer,
+    write_index,
+)
+from chatglm2.config import ChatGLM2Config
+from chatglm2.errors import InputError
 
 ROW_PARALLEL = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 
@@ -28,7 +39,7 @@ def source_fingerprint(model_path: str | Path) -> str:
     return files_fingerprint(sorted(set(weight_files(model_path).values())))
 
 
-def check_tp_config(config, tp_size: int) -> None:
+def check_tp_config(config: ChatGLM2Config, tp_size: int) -> None:
     """tp_size must divide the heads, the FFN width and the vocabulary, and fit the KV groups."""
     groups = config.kv_groups
     for what, size in (("attention heads", config.num_attention_heads), ("ffn_hidden_size", config.ffn_hidden_size),
@@ -62,12 +73,12 @@ def part_model_dir(model_path: str | Path, tp_size: int, tp_rank: int) -> Path:
     return root / str(tp_rank)
 
 
-def _qkv_sizes(config, rows: int) -> tuple[int, int]:
+def _qkv_sizes(config: ChatGLM2Config, rows: int) -> tuple[int, int]:
     q_size = config.num_attention_heads * config.kv_channels
     return q_size, (rows - q_size) // 2
 
 
-def split_tensor(name: str, tensor: torch.Tensor, config, tp_size: int) -> list[torch.Tensor]:
+def split_tensor(name: str, tensor: torch.Tensor, config: ChatGLM2Config, tp_size: int) -> list[torch.Tensor]:
     """The tp_size pieces of one full tensor, in rank order (clones, so saving one saves only its piece)."""
     if "query_key_value" in name:
         q_size, kv_size = _qkv_sizes(config, tensor.shape[0])
@@ -85,7 +96,7 @@ def split_tensor(name: str, tensor: torch.Tensor, config, tp_size: int) -> list[
     return [tensor] * tp_size
 
 
-def join_tensor(name: str, pieces: list[torch.Tensor], config) -> torch.Tensor:
+def join_tensor(name: str, pieces: list[torch.Tensor], config: ChatGLM2Config) -> torch.Tensor:
     """The inverse of split_tensor."""
     tp_size = len(pieces)
     if "query_key_value" in name:
@@ -112,8 +123,6 @@ def write_tp_parts(model_path: str | Path, tp_size: int, output_path: str | Path
     Parts go to {output_path or model_path}/tensor_parallel_tp{N}/part_model/{rank}/ and appear only when all are
     written. An --output_path folder also gets config.json and the tokenizer, so it works as main.py's --model_path.
     """
-    from modeling_chatglm_ascend import ChatGLM2Config  # here: modeling imports this module
-
     config_dict = read_config(model_path)
     config = ChatGLM2Config.from_dict(config_dict)
     check_tp_config(config, tp_size)

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from atomic import atomic_directory, atomic_file, write_text_atomic
-from errors import InputError
+from chatglm2.atomic import atomic_directory, atomic_file, write_text_atomic
+from chatglm2.errors import InputError
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -93,9 +93,13 @@ class CheckpointReader:
         return self._bin[name]
 
 
-def iter_shards(path: str | Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """Yield (file, {name: tensor}) one weight file at a time, so at most one shard is mapped at once."""
+def iter_shards(path: str | Path, wanted: Iterable[str] | None = None) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """Yield (file, {name: tensor}) one weight file at a time, so at most one shard is mapped at once. With `wanted`,
+    only those tensors are read (safetensors reads lazily; a .bin shard is memory-mapped, so others stay on disk)."""
     files = weight_files(path)
+    if wanted is not None:
+        wanted = set(wanted)
+        files = {name: file for name, file in files.items() if name in wanted}
     for file in sorted(set(files.values())):
         names = [name for name, f in files.items() if f == file]
         if file.suffix == ".safetensors":
@@ -109,8 +113,8 @@ def iter_shards(path: str | Path) -> Iterator[tuple[Path, dict[str, torch.Tensor
         yield file, {name: shard[name] for name in names}
 
 
-def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for _, shard in iter_shards(path):
+def iter_tensors(path: str | Path, wanted: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    for _, shard in iter_shards(path, wanted):
         yield from shard.items()
 
 

@@ -9,22 +9,19 @@ Questions are batched per subject (--batch), left padded. The dataset is either 
 
 Results go to a JSON list of run records (--precision_output_file) and a CSV of the latest run beside it, rewritten
 after every subject; a run whose last record is unfinished and has the same setup resumes from it.
-CEVAL_MAX_NEW_TOKENS (default 512, the protocol) lowers the stage-1 budget, for quick checks only.
 """
-import argparse
 import csv
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-import distributed
-from atomic import write_text_atomic
-from errors import InputError
+from chatglm2 import collectives
+from chatglm2.atomic import write_text_atomic
+from chatglm2.errors import InputError
 
 CHOICES = "ABCD"
 EXTRACTION_PROMPT = "综上所述，ABCD中正确的选项是："
@@ -67,19 +64,12 @@ class Subject:
     skipped_lines: int
 
 
-def max_new_tokens_from_env() -> int:
-    value = os.environ.get("CEVAL_MAX_NEW_TOKENS", str(MAX_NEW_TOKENS))
-    if not value.isdigit() or int(value) < 1:
-        raise InputError(f"CEVAL_MAX_NEW_TOKENS={value!r} is not a positive integer; unset it for the protocol's 512")
-    return int(value)
-
-
 def bad_line(file: Path, line: int, reason: str, skip_bad_lines: bool) -> None:
     """Stop on a bad line (a score over silently fewer questions would mislead), or report it and go on."""
     message = f"{file} line {line}: {reason}"
     if not skip_bad_lines:
         raise InputError(f"{message}; fix it, or pass --skip_bad_lines to skip such lines")
-    if distributed.is_rank0():
+    if collectives.is_rank0():
         print(f"warning: skipped {message}", file=sys.stderr, flush=True)
 
 
@@ -252,14 +242,15 @@ def load_records(path: Path) -> list[dict]:
     return records
 
 
-def run_precision_dataset(args: argparse.Namespace, model, tokenizer) -> dict:
-    """Evaluate every val subject not already done, writing results after each; returns the run's record."""
-    rank0 = distributed.is_rank0()
-    max_new_tokens = max_new_tokens_from_env()
-    layout, subjects = load_dataset(args.ceval_dataset, args.skip_bad_lines)
-    output = Path(args.precision_output_file)
-    setup = {"dataset": str(Path(args.ceval_dataset).resolve()), "layout": layout,
-             "model_path": str(Path(args.model_path).resolve()), "dtype": str(model.dtype).removeprefix("torch."),
+def run_precision_dataset(model, tokenizer, dataset: str | Path, batch: int, output_file: str | Path, model_path: str,
+                          tp_size: int = 1, skip_bad_lines: bool = False, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """Evaluate every val subject not already done, writing results to output_file after each; returns the run's
+    record. max_new_tokens below the protocol's 512 is for quick checks only."""
+    rank0 = collectives.is_rank0()
+    layout, subjects = load_dataset(dataset, skip_bad_lines)
+    output = Path(output_file)
+    setup = {"dataset": str(Path(dataset).resolve()), "layout": layout,
+             "model_path": str(Path(model_path).resolve()), "dtype": str(model.dtype).removeprefix("torch."),
              "max_new_tokens": max_new_tokens, "max_seq_len": model.max_seq_len}
     # Every rank reads the file, so all take the same resume decision; rank 0 rewrites it only after a subject's
     # collectives, which the other ranks join after this read.
@@ -269,7 +260,7 @@ def run_precision_dataset(args: argparse.Namespace, model, tokenizer) -> dict:
     else:
         record = {"setup": setup, "complete": False, "subjects": {}}
         records.append(record)
-    record.update(batch=args.batch, tp_size=args.tp_size)
+    record.update(batch=batch, tp_size=tp_size)
     results = {s.name: record["subjects"][s.name] for s in subjects
                if record["subjects"].get(s.name, {}).get("total") == len(s.questions)}
     todo = [s for s in subjects if s.name not in results]
@@ -290,8 +281,8 @@ def run_precision_dataset(args: argparse.Namespace, model, tokenizer) -> dict:
     capped = False
     for subject in todo:
         predictions = []
-        for start in range(0, len(subject.questions), args.batch):
-            batch_predictions, budget = answer_batch(model, tokenizer, subject.questions[start:start + args.batch],
+        for start in range(0, len(subject.questions), batch):
+            batch_predictions, budget = answer_batch(model, tokenizer, subject.questions[start:start + batch],
                                                      max_new_tokens)
             if budget < max_new_tokens and not capped and rank0:
                 capped = True
@@ -304,7 +295,7 @@ def run_precision_dataset(args: argparse.Namespace, model, tokenizer) -> dict:
             bar.set_postfix(acc=f"{correct_so_far / total_so_far:.2%}")
         correct = sum(p == label for p, label in zip(predictions, subject.labels))
         results[subject.name] = {
-            "category": subject.category, "file": str(subject.file.relative_to(args.ceval_dataset)),
+            "category": subject.category, "file": str(subject.file.relative_to(dataset)),
             **score(correct, len(predictions)), "skipped_lines": subject.skipped_lines,
             "predictions": "".join(CHOICES[p] for p in predictions)}  # one letter per question, in file order
         if rank0:

@@ -1,0 +1,68 @@
+"""main.py's two interactive-sized modes: precision_single (the fixed question) and cli_demo (a streaming chat)."""
+import time
+
+from chatglm2 import collectives
+from chatglm2.errors import InputError
+
+SINGLE_QUESTION = "下列选项中，属于我国古代四大发明的是____。\nA. 丝绸\nB. 瓷器\nC. 火药\nD. 茶叶"
+SINGLE_MAX_NEW_TOKENS = 512
+WELCOME = "欢迎使用 ChatGLM2-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
+
+
+def precision_single(model, tokenizer, batch: int) -> None:
+    """The fixed question, `batch` copies, answered greedily."""
+    inputs = tokenizer([tokenizer.build_prompt(SINGLE_QUESTION)] * batch)
+    max_new_tokens = min(SINGLE_MAX_NEW_TOKENS, model.max_seq_len - inputs["input_ids"].shape[1])
+    if max_new_tokens < 1:
+        raise InputError(f"MAX_SEQ_LEN={model.max_seq_len} leaves no room to answer; export MAX_SEQ_LEN=1024")
+    start = time.perf_counter()
+    output_ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    elapsed = time.perf_counter() - start
+    if collectives.is_rank0():
+        print(f"问：{SINGLE_QUESTION}")
+        for row, ids in enumerate(output_ids):
+            print(f"[batch {row}] 答：{tokenizer.decode(ids).strip()}")
+        print(f"{output_ids.numel()} tokens in {elapsed:.2f} s", flush=True)
+
+
+def read_user_turn() -> str:
+    """Rank 0 reads stdin; every rank gets the same text (end of input means stop)."""
+    text = None
+    if collectives.is_rank0():
+        try:
+            text = input("\n用户：")
+        except EOFError:
+            text = "stop"
+    return collectives.broadcast_object(text)
+
+
+def cli_demo(model, tokenizer) -> None:
+    """Streaming chat with history; `clear` forgets the history, `stop` (or end of input) quits."""
+    rank0 = collectives.is_rank0()
+    history = []
+    if rank0:
+        print(WELCOME, flush=True)
+    while True:
+        query = read_user_turn().strip()
+        if query == "stop":
+            return
+        if query == "clear":
+            history = []
+            if rank0:
+                print(WELCOME, flush=True)
+            continue
+        if not query:
+            continue
+        printed = ""
+        if rank0:
+            print("\nChatGLM：", end="", flush=True)
+        try:
+            for response, history in model.stream_chat(tokenizer, query, history):
+                if rank0:
+                    print(response[len(printed):] if response.startswith(printed) else "\n" + response, end="", flush=True)
+                printed = response
+        except InputError as error:  # e.g. the history outgrew MAX_SEQ_LEN: say so and keep the session
+            if rank0:
+                print(f"[{error}]", end="", flush=True)
+        if rank0:
+            print(flush=True)
