@@ -14,7 +14,7 @@ from chatglm2.random_checkpoint import FULL_WIDTH, write_demo_checkpoint
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="folder to write (replaced if it exists)")
+    parser.add_argument("path", help="folder to write: new, empty, or one this command wrote (which is replaced)")
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--hidden_size", type=int, default=256)
     parser.add_argument("--ffn_hidden_size", type=int, default=688)

@@ -37,9 +37,9 @@ class SentencePieceModel:
 
 
 def convert(model_path: Path, ggml_type: str, out: Path) -> None:
-    from atomic import atomic_file
+    from chatglm2.atomic import atomic_file
+    from chatglm2.checkpoint import iter_tensors, read_config
     from chatglm_cpp.convert import ChatGLM2Converter, GGMLType
-    from checkpoint import iter_tensors, read_config
 
     config = SimpleNamespace(**{**CONFIG_DEFAULTS, **read_config(model_path)})
     state = {name: tensor for name, tensor in iter_tensors(model_path)}  # .bin shards stay memory-mapped

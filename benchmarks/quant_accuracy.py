@@ -1,4 +1,4 @@
-"""W8A8 accuracy against float on a random checkpoint with planted activation outliers, with and without smoothing.
+"""W8A8 and weight-only accuracy against float on a random checkpoint with planted activation outliers.
 
     python -m benchmarks.quant_accuracy [--work_dir DIR] [--hidden_size 512] [--num_layers 4]
 
@@ -11,6 +11,10 @@ tokenizer corpus, evaluation on others (a few hundred tokens): cosine similarity
 float's and top-1 agreement, both in fp32 so that only quantization differs. The sparse rows (export --sparse, then
 generate_compress_weight.py and ENABLE_SPARSE=1) also give the compressed size over the dense int8 size. Random
 weights have no redundancy to prune, so they show the cost of pruning at its worst, not what a trained model loses.
+Weight-only rows: --quantize int8 / int4 as loaded (norm weights folded into the layers they feed), THUDM's int8 /
+int4 checkpoints written from the same weights, and, as what a peer computes on these weights, chatglm.cpp's Q8_0 /
+Q4_0 rounding (its converter's formulas, dequantized into a float model here, not run through chatglm.cpp), and our
+int8 / int4 rounding without the norm folding. The FFN width is a multiple of 128 so that int4 groups of 128 fit.
 Results go to benchmarks/results/.
 """
 import argparse
@@ -22,10 +26,12 @@ from pathlib import Path
 import torch
 
 from chatglm2 import sparse_format
-from chatglm2.checkpoint import write_checkpoint
+from chatglm2.checkpoint import iter_tensors, write_checkpoint
 from chatglm2.quant_export import export
 from chatglm2.quant_split import write_quant_parts
 from chatglm2.random_checkpoint import CORPUS, demo_config, random_shards, train_tokenizer
+from chatglm2.weight_only import ENCODER_LINEARS, quantize_int4, quantize_int8, write_thudm_checkpoint
+from chatglm2.weight_only_linear import dequantize
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +45,8 @@ def outlier_checkpoint(path: Path, hidden_size: int, num_layers: int) -> None:
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         train_tokenizer(Path(tokenizer_dir))
         vocab = ChatGLM2Tokenizer.from_pretrained(tokenizer_dir).vocab_size
-        config = demo_config(num_layers, hidden_size, ffn_hidden_size=hidden_size * 27 // 8, num_attention_heads=8,
+        config = demo_config(num_layers, hidden_size, ffn_hidden_size=128 * round(hidden_size * 27 / 8 / 128),
+                             num_attention_heads=8,
                              padded_vocab_size=64 * math.ceil(vocab / 64))
         generator = torch.Generator().manual_seed(1)
         outliers = torch.randperm(hidden_size, generator=generator)[:OUTLIER_CHANNELS]
@@ -83,6 +90,58 @@ def quantized_logits(ckpt: Path, quant_dir: Path, prompts: list[torch.Tensor], d
     return logits(model, prompts).float()
 
 
+def q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """chatglm.cpp's Q8_0 (convert.py quantize_q8_0): blocks of 32, scale = max|w| / 127, dequantized."""
+    blocks = weight.reshape(-1, 32)
+    scale = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+    return ((blocks / scale).round().clamp(-128, 127) * scale).view_as(weight)
+
+
+def q4_0(weight: torch.Tensor) -> torch.Tensor:
+    """chatglm.cpp's Q4_0 (convert.py quantize_q4_0): blocks of 32, scale = the signed value of largest magnitude / -8,
+    codes round(w / scale + 8) clamped to 0..15, dequantized."""
+    blocks = weight.reshape(-1, 32)
+    peak = torch.take_along_dim(blocks, blocks.abs().argmax(-1, keepdim=True), -1)
+    scale = (peak / -8).half().float()
+    return (((blocks / scale + 8).round().clamp(0, 15) - 8) * scale).view_as(weight)
+
+
+def rounded_logits(ckpt: Path, prompts: list[torch.Tensor], rounding, out: Path) -> torch.Tensor:
+    """A float model whose encoder linears hold rounding(weight): another quantizer's result, computed in fp32."""
+    tensors = {}
+    for name, tensor in iter_tensors(ckpt):
+        linear = name.endswith(".weight") and name.rpartition(".")[0].endswith(ENCODER_LINEARS)
+        tensors[name] = rounding(tensor.float()) if linear else tensor.float()
+    write_checkpoint(out, json.loads((ckpt / "config.json").read_text()), [tensors], 1, ckpt)
+    return logits(ChatGLM2ForCausalLM.from_pretrained(out, device="cpu", dtype=torch.float32), prompts)
+
+
+def weight_only_rows(ckpt: Path, work: Path, prompts: list[torch.Tensor], reference: torch.Tensor) -> dict:
+    cpu = torch.device("cpu")
+
+    def loaded(path: Path, dtype: torch.dtype = torch.float32, **options) -> dict:
+        model = ChatGLM2ForCausalLM.from_pretrained(path, device="cpu", dtype=dtype, **options)
+        return compare(reference, logits(model, prompts).float())
+
+    rows = {"weight-only int8": loaded(ckpt, quantize="int8"),
+            "weight-only int8, output_layer float": loaded(ckpt, quantize="int8", quantize_output_layer=None)}
+    for group in (128, 64, 32):
+        rows[f"weight-only int4 g{group}"] = loaded(ckpt, quantize="int4", group_size=group)
+    rows["weight-only int4 g128, output_layer int8"] = loaded(ckpt, quantize="int4", quantize_output_layer="int8")
+    rows["weight-only int4 g128, output_layer float"] = loaded(ckpt, quantize="int4", quantize_output_layer=None)
+    rows["weight-only int4 g128, bf16 activations"] = loaded(ckpt, torch.bfloat16, quantize="int4")
+    for bits in (8, 4):
+        thudm = write_thudm_checkpoint(ckpt, work / f"thudm_int{bits}", bits)
+        rows[f"THUDM int{bits} checkpoint (per row)"] = loaded(thudm)
+    ablations = {"chatglm.cpp Q8_0 rounding": q8_0, "chatglm.cpp Q4_0 rounding": q4_0,
+                 "int8 without norm folding": lambda w: dequantize(*quantize_int8(w, torch.float32, cpu), 8, w.dtype),
+                 "int4 g128 without norm folding":
+                     lambda w: dequantize(*quantize_int4(w, 128, torch.float32, cpu), 4, w.dtype)}
+    for name, rounding in ablations.items():
+        rows[name] = compare(reference, rounded_logits(ckpt, prompts, rounding, work / name.replace(" ", "_")))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default=None, help="where the checkpoint and weights go (default: a temp dir)")
@@ -119,10 +178,11 @@ def main() -> None:
         dense = sum(math.prod(layer["shape"]) for layer in info["layers"].values())
         compressed = sum(file.stat().st_size for file in (compress_dir / "compress0").glob("*.safetensors"))
         rows[f"W8A8 minmax + smoothing + {name}"]["compressed_over_dense"] = compressed / dense
+    rows.update(weight_only_rows(ckpt, work, prompts, reference))
 
     tokens = sum(len(p) for p in prompts)
-    print(f"{tokens} tokens in {len(prompts)} prompts; hidden {args.hidden_size}, {args.num_layers} layers (layer 0 "
-          f"float), {OUTLIER_CHANNELS} outlier channels x{OUTLIER_SCALE:g}; reference: float fp32\n")
+    print(f"{tokens} tokens in {len(prompts)} prompts; hidden {args.hidden_size}, {args.num_layers} layers (W8A8: "
+          f"layer 0 float), {OUTLIER_CHANNELS} outlier channels x{OUTLIER_SCALE:g}; reference: float fp32\n")
     print("| variant | cosine (mean) | cosine (min) | top-1 agreement |\n| --- | --- | --- | --- |")
     for name, row in rows.items():
         print(f"| {name} | {row['cosine_mean']:.4f} | {row['cosine_min']:.4f} | {100 * row['top1_agreement']:.1f}% |")

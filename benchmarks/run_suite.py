@@ -7,6 +7,9 @@
 
 Engines, each timed in its own process (so each peak RSS is its own), sequentially:
   ours                 this project (default dtype: bf16 on a CPU with native bf16, fp16 on GPU)
+  ours-w8a8            W8A8 (ENABLE_QUANT; layer 0 and output_layer float)
+  ours-int8, ours-int4 weight-only, quantized at load (--quantize; int4 in groups of 128; output_layer likewise)
+  ours-int4-out8       int4 with output_layer int8 (--quantize_output_layer int8: more accurate, slower)
   transformers-*       transformers' GlmForCausalLM (same math), bf16 / fp32 on CPU, fp16 on GPU
   chatglm.cpp-*        chatglm.cpp 0.4.2 (C++/ggml) converted from the same checkpoint: F16, Q8_0, Q4_0; batch 1 only
   floor                bytes of weights one decode step must read / this machine's read bandwidth, measured now
@@ -44,6 +47,9 @@ GiB = 2 ** 30
 ENGINES = {
     "ours": ("torch", "ours", "auto"),
     "ours-w8a8": ("torch", "ours", "w8a8"),
+    "ours-int8": ("torch", "ours", "int8"),
+    "ours-int4": ("torch", "ours", "int4"),
+    "ours-int4-out8": ("torch", "ours", "int4+out8"),
     "transformers-bf16": ("torch", "transformers", "bf16"),
     "transformers-fp32": ("torch", "transformers", "fp32"),
     "transformers-fp16": ("torch", "transformers", "fp16"),
@@ -52,12 +58,18 @@ ENGINES = {
     "chatglm.cpp-q4_0": ("cpp", "q4_0", "q4_0"),
 }
 DEFAULT_ENGINES = {
-    "cpu": "ours,ours-w8a8,transformers-bf16,transformers-fp32,chatglm.cpp-f16,chatglm.cpp-q8_0,chatglm.cpp-q4_0",
-    "cuda": "ours,transformers-fp16",
+    "cpu": "ours,ours-w8a8,ours-int8,ours-int4,transformers-bf16,transformers-fp32,chatglm.cpp-f16,chatglm.cpp-q8_0,"
+           "chatglm.cpp-q4_0",
+    "cuda": "ours,ours-int8,ours-int4,transformers-fp16",
 }
-# Bytes per weight as stored: ggml's Q8_0 keeps 32 int8 plus one fp16 scale per block, Q4_0 32 nibbles plus a scale.
-BYTES_PER_WEIGHT = {"w8a8": 1.0, "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "fp32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-FLOOR_LABELS = {1.0: "int8", 2.0: "16-bit", 4.0: "fp32", 34 / 32: "Q8_0", 18 / 32: "Q4_0"}
+# Bytes per weight as stored: ggml's Q8_0 keeps 32 int8 plus one fp16 scale per block, Q4_0 32 nibbles plus a scale;
+# our int4 keeps 128 nibbles plus a 16-bit scale and zero per group.
+BYTES_PER_WEIGHT = {"w8a8": 1.0, "int8": 1.0, "int4": 68 / 128, "int4+out8": 68 / 128, "bf16": 2.0, "fp16": 2.0,
+                    "f16": 2.0, "fp32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+FLOOR_LABELS = {1.0: "int8", 68 / 128: "int4 g128", 2.0: "16-bit", 4.0: "fp32", 34 / 32: "Q8_0", 18 / 32: "Q4_0"}
+# weight-only formats -> torch_worker flags
+WEIGHT_ONLY = {"int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"],
+               "int4+out8": ["--quantize", "int4", "--quantize_output_layer", "int8"]}
 DEFAULT_PEER_PYTHON = Path.home() / ".cache/chatglm2-bench/chatglm-cpp-venv/bin/python"
 
 
@@ -150,6 +162,8 @@ def memory_needed(kind: str, what: str, dtype: str, total_params: int) -> int:
         return int(total_params * 8 * 1.1)
     if dtype == "w8a8":  # the float weights load first, then each layer is swapped for its int8 one
         return int(total_params * 3 * 1.2)
+    if dtype in WEIGHT_ONLY:  # the quantized weights, the 16-bit embedding, one float tensor at a time
+        return int(total_params * (BYTES_PER_WEIGHT[dtype] + 0.5) * 1.2)
     return int(total_params * BYTES_PER_WEIGHT[dtype] * 1.2)
 
 
@@ -205,9 +219,9 @@ def peer_thread_env(args: argparse.Namespace) -> tuple[dict, int | None]:
 
 def run_engine(name: str, args: argparse.Namespace, device: str, config: dict) -> dict:
     kind, what, dtype = ENGINES[name]
-    # Activations (and float layers) in the project's default dtype for the device; W8A8 weights where asked.
+    # Activations (and float layers) in the project's default dtype for the device; quantized weights where asked.
     activations = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[
-        default_dtype(torch.device(device))] if dtype in ("auto", "w8a8") else dtype
+        default_dtype(torch.device(device))] if dtype in ("auto", "w8a8", *WEIGHT_ONLY) else dtype
     dtype = activations if dtype == "auto" else dtype
     record = {"engine": name, "dtype": dtype, "threads": args.threads}
     if kind == "cpp" and device != "cpu":
@@ -226,9 +240,10 @@ def run_engine(name: str, args: argparse.Namespace, device: str, config: dict) -
                  str(args.repeats)]
         if kind == "torch":
             env = {"ENABLE_QUANT": "1", "QUANT_WEIGHT_PATH": str(w8a8_weights(args))} if dtype == "w8a8" else {}
+            quantize = WEIGHT_ONLY.get(dtype, [])
             result = run_worker([sys.executable, "-m", "benchmarks.torch_worker", "--engine", what, "--model_path",
                                  str(args.model_path), "--dtype", activations, "--device", device, "--batches",
-                                 args.batches, "--threads", str(args.threads), *shape], args.timeout, **env)
+                                 args.batches, "--threads", str(args.threads), *quantize, *shape], args.timeout, **env)
         else:
             ggml = ggml_file(args, what, args.timeout)
             env, record["threads"] = peer_thread_env(args)

@@ -2,8 +2,10 @@
 
     python -m benchmarks.torch_worker --engine ours --model_path CKPT --dtype bf16 --batches 1,8
     python -m benchmarks.torch_worker --engine transformers --model_path CKPT --dtype fp32
+    python -m benchmarks.torch_worker --engine ours --model_path CKPT --dtype bf16 --quantize int4
 
-ours: this project's ChatGLM2ForCausalLM, timed exactly as `main.py --mode performance` times it.
+ours: this project's ChatGLM2ForCausalLM, timed exactly as `main.py --mode performance` times it; with --quantize,
+weight-only int8 / int4 (the weights quantized while they load, as `main.py --quantize` does).
 transformers: GlmForCausalLM with the checkpoint loaded as the parity tests load it (tests/reference_glm.py), SDPA
 attention, a DynamicCache, and the same greedy loop: one prefill over the prompt, then one-token decode steps.
 """
@@ -24,11 +26,14 @@ WARMUP_NEW_TOKENS = 2
 Runner = Callable[[torch.Tensor, int], tuple[float, list[float]]]
 
 
-def load_ours(model_path: str, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> Runner:
+def load_ours(model_path: str, device: torch.device, dtype: torch.dtype, max_seq_len: int,
+              args: argparse.Namespace) -> Runner:
     from chatglm2.performance import time_generation
     from modeling_chatglm_ascend import ChatGLM2ForCausalLM
 
-    model = ChatGLM2ForCausalLM.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    model = ChatGLM2ForCausalLM.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                                quantize=args.quantize, group_size=args.group_size,
+                                                quantize_output_layer=args.quantize_output_layer)
 
     def run(input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
         times = time_generation(model, input_ids, new_tokens)
@@ -36,12 +41,17 @@ def load_ours(model_path: str, device: torch.device, dtype: torch.dtype, max_seq
     return run
 
 
-def load_transformers(model_path: str, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> Runner:
+def load_transformers(model_path: str, device: torch.device, dtype: torch.dtype, max_seq_len: int,
+                      args: argparse.Namespace) -> Runner:
     from tests.reference_glm import glm_reference
 
     model = glm_reference(model_path).to(device=device, dtype=dtype)
     model.set_attn_implementation("sdpa")  # transformers' default; the parity loader picks eager for exactness
+    return transformers_runner(model, device)
 
+
+def transformers_runner(model, device: torch.device) -> Runner:
+    """transformers' own greedy loop, timed: one prefill, then one-token steps on its dynamic cache."""
     @torch.inference_mode()
     def run(input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
         input_ids = input_ids.to(device)
@@ -74,14 +84,20 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="ours: weight-only quantization")
+    parser.add_argument("--group_size", type=int, default=128, help="ours: int4 group size")
+    parser.add_argument("--quantize_output_layer", choices=("auto", "int8", "int4"), default="auto",
+                        help="ours with --quantize: output_layer's format (auto: as --quantize)")
     args = parser.parse_args()
+    if args.quantize and args.engine != "ours":
+        parser.error("--quantize applies to --engine ours only")
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     batches = [int(b) for b in args.batches.split(",")]
     vocab_size = read_config(args.model_path)["padded_vocab_size"]
 
     start = time.perf_counter()
-    run = LOADERS[args.engine](args.model_path, device, dtype, args.prompt_len + args.new_tokens)
+    run = LOADERS[args.engine](args.model_path, device, dtype, args.prompt_len + args.new_tokens, args)
     load = {"load_s": time.perf_counter() - start, "load_peak_rss": peak_rss_bytes(), "loaded_rss": rss_bytes()}
     peak_reset = reset_peak_rss()
     if device.type == "cuda":
@@ -96,7 +112,8 @@ def main() -> None:
             prefills.append(prefill_s)
             steps.append(step_s)
         runs.append(timing_summary(batch, args.prompt_len, prefills, steps))
-    emit({"engine": args.engine, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+    emit({"engine": args.engine, "dtype": args.dtype, "quantize": args.quantize, "device": args.device,
+          "threads": torch.get_num_threads(),
           "runs": runs, **load, "run_peak_rss": peak_rss_bytes(), "run_peak_is_run_only": peak_reset,
           "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None})
 

@@ -4,22 +4,27 @@ For each question, as THUDM's ChatGLM2-6B evaluation/evaluate_ceval.py (which th
   1. greedy generation of up to 512 new tokens on the chat prompt build_prompt(question);
   2. one forward pass on build_prompt(question + response + "\\n综上所述，ABCD中正确的选项是："); the prediction is the
      argmax of the last position's logits over the first token ids of "A", "B", "C" and "D".
-Questions are batched per subject (--batch), left padded. The dataset is either THUDM's processed jsonl release
+Stage 1 streams a subject's questions through --batch engine slots (a finished answer's slot takes the
+next question); stage 2 scores them in batches of --batch, left padded. The dataset is either THUDM's processed jsonl release
 (val/<Category>/<subject>.jsonl) or the official ceval-exam CSV release (val/<subject>_val.csv).
 
 Results go to a JSON list of run records (--precision_output_file) and a CSV of the latest run beside it, rewritten
 after every subject; a run whose last record is unfinished and has the same setup resumes from it.
 """
 import csv
+import fcntl
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from chatglm2 import collectives
+from chatglm2.engine import Engine, SamplingParams
 from chatglm2.atomic import write_text_atomic
 from chatglm2.errors import InputError
 
@@ -27,6 +32,7 @@ CHOICES = "ABCD"
 EXTRACTION_PROMPT = "综上所述，ABCD中正确的选项是："
 MAX_NEW_TOKENS = 512
 CSV_COLUMNS = ("id", "question", "A", "B", "C", "D", "answer")
+TABLE_HEADER = "level,name,category,correct,total,accuracy"
 LAYOUT_HELP = ("expected THUDM's processed release (DATASET/val/<Category>/<subject>.jsonl) or the official "
                "ceval-exam release (DATASET/val/<subject>_val.csv)")
 
@@ -169,22 +175,40 @@ def choice_token_ids(tokenizer) -> list[int]:
     return [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in CHOICES]
 
 
-def answer_batch(model, tokenizer, questions: list[str], max_new_tokens: int) -> tuple[list[int], int]:
-    """The two-stage protocol on one batch: predicted choice indices, and the stage-1 token budget used."""
-    inputs = tokenizer([tokenizer.build_prompt(question) for question in questions])
-    # Leave room in MAX_SEQ_LEN for the stage-2 suffix; rows are padded to the longest, so the cap is per batch.
+def answer_questions(engine: Engine, tokenizer, questions: list[str], max_new_tokens: int, batch: int,
+                     progress: Callable[[int], None] = lambda done: None) -> tuple[list[int], int]:
+    """The two-stage protocol on a subject's questions: predicted choice indices, and the smallest stage-1 budget.
+
+    Stage 1 streams the questions through the engine's slots (a finished answer's slot takes the next question, so
+    nothing waits for the longest answer of a batch); progress(n) is told of each n answers finished. Stage 2 scores
+    in batches of `batch`, left-padded.
+    """
+    model = engine.model
     suffix = len(tokenizer.encode("\n" + EXTRACTION_PROMPT, add_special_tokens=False))
-    width = inputs["input_ids"].shape[1]
-    budget = min(max_new_tokens, model.max_seq_len - width - suffix)
-    if budget < 1:
-        raise InputError(f"a question of {width} tokens leaves no room to answer under MAX_SEQ_LEN="
-                         f"{model.max_seq_len}; export MAX_SEQ_LEN={width + suffix + max_new_tokens}")
-    responses = [tokenizer.decode(row) for row in model.generate(**inputs, max_new_tokens=budget)]
-    # THUDM wraps question + response + extraction prompt in a fresh chat prompt (not the stage-1 prompt + response).
-    inputs = tokenizer([tokenizer.build_prompt(f"{question}{response}\n{EXTRACTION_PROMPT}")
-                        for question, response in zip(questions, responses)])
-    logits = model(**inputs, last_logit_only=True)[:, -1, choice_token_ids(tokenizer)]
-    return logits.argmax(dim=-1).tolist(), budget
+    requests, smallest = [], max_new_tokens
+    for question in questions:
+        prompt_ids = tokenizer.encode(tokenizer.build_prompt(question))
+        budget = min(max_new_tokens, model.max_seq_len - len(prompt_ids) - suffix)  # room for the stage-2 suffix
+        if budget < 1:
+            raise InputError(f"a question of {len(prompt_ids)} tokens leaves no room to answer under MAX_SEQ_LEN="
+                             f"{model.max_seq_len}; export MAX_SEQ_LEN={len(prompt_ids) + suffix + max_new_tokens}")
+        smallest = min(smallest, budget)
+        requests.append(engine.submit(prompt_ids, SamplingParams(max_new_tokens=budget)))
+    pending = list(requests)
+    while pending:
+        engine.step()
+        still = [r for r in pending if not r.finished]
+        progress(len(pending) - len(still))
+        pending = still
+    responses = [tokenizer.decode(r.tokens) for r in requests]
+    predictions = []
+    for start in range(0, len(questions), batch):
+        # THUDM wraps question + response + extraction prompt in a fresh chat prompt (not the stage-1 prompt + response).
+        inputs = tokenizer([tokenizer.build_prompt(f"{question}{response}\n{EXTRACTION_PROMPT}")
+                            for question, response in zip(questions[start:start + batch], responses[start:start + batch])])
+        logits = model(**inputs, last_logit_only=True)[:, -1, choice_token_ids(tokenizer)]
+        predictions += logits.argmax(dim=-1).tolist()
+    return predictions, smallest
 
 
 def score(correct: int, total: int) -> dict:
@@ -216,7 +240,7 @@ def write_results(path: Path, records: list[dict]) -> None:
     write_text_atomic(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["level", "name", "category", "correct", "total", "accuracy"])
+    writer.writerow(TABLE_HEADER.split(","))
     writer.writerows(row[:5] + (f"{row[5]:.4f}",) for row in table_rows(records[-1]))
     write_text_atomic(path.with_suffix(".csv"), text.getvalue())
 
@@ -226,6 +250,53 @@ def print_table(record: dict) -> None:
     for level, name, category, correct, total, accuracy in table_rows(record):
         print(f"{level:9}{name:42}{category:16}{correct:8}{total:7}{accuracy:10.2%}")
     print(flush=True)
+
+
+def output_problem(path: Path) -> str | None:
+    """Why the results or the table beside them must not be written, or None: the same file for both, a folder, or a
+    table that this tool did not write (it would be replaced)."""
+    table = path.with_suffix(".csv")
+    if table == path:
+        return (f"--precision_output_file {path} ends in .csv, the name of the table written beside it; "
+                f"give a .json name")
+    for file in (path, table):
+        if file.exists() and not file.is_file():
+            return f"{file} exists and is not a file; pass another --precision_output_file"
+    if table.exists():
+        with open(table, encoding="utf-8", errors="replace") as f:
+            if f.readline().rstrip("\n") != TABLE_HEADER:
+                return (f"{table} exists and is not a C-Eval table written by this tool, and the table of this run "
+                        f"would replace it; move it away or pass another --precision_output_file")
+    return None
+
+
+_held_locks: dict[Path, int] = {}  # lock file -> descriptor, held until the process ends
+
+
+def lock_output(path: Path) -> str | None:
+    """Lock .{name}.lock beside the results (flock: released when the process ends, however it ends), so that a
+    second run on the same file stops instead of overwriting the first one's records; None, or why not."""
+    lock = path.parent / f".{path.name}.lock"
+    if lock.resolve() in _held_locks:  # this process holds it already (a second run through the Python API)
+        return None
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return (f"another run is writing {path} (it holds {lock}); wait for it to finish, or pass another "
+                f"--precision_output_file")
+    _held_locks[lock.resolve()] = fd
+    return None
+
+
+def claim_output(path: Path) -> None:
+    """Rank 0 checks the output files and locks them; every rank learns the verdict, so that all stop together."""
+    problem = (output_problem(path) or lock_output(path)) if collectives.is_rank0() else None
+    problem = collectives.broadcast_object(problem)
+    if problem:
+        raise InputError(problem)
 
 
 def load_records(path: Path) -> list[dict]:
@@ -249,6 +320,7 @@ def run_precision_dataset(model, tokenizer, dataset: str | Path, batch: int, out
     rank0 = collectives.is_rank0()
     layout, subjects = load_dataset(dataset, skip_bad_lines)
     output = Path(output_file)
+    claim_output(output)
     setup = {"dataset": str(Path(dataset).resolve()), "layout": layout,
              "model_path": str(Path(model_path).resolve()), "dtype": str(model.dtype).removeprefix("torch."),
              "max_new_tokens": max_new_tokens, "max_seq_len": model.max_seq_len}
@@ -278,21 +350,17 @@ def run_precision_dataset(model, tokenizer, dataset: str | Path, batch: int, out
     correct_so_far = sum(r["correct"] for r in results.values())
     total_so_far = sum(r["total"] for r in results.values())
     bar = tqdm(total=sum(len(s.questions) for s in todo), desc="C-Eval", unit="q", disable=not rank0)
+    engine = Engine(model, batch)
     capped = False
     for subject in todo:
-        predictions = []
-        for start in range(0, len(subject.questions), batch):
-            batch_predictions, budget = answer_batch(model, tokenizer, subject.questions[start:start + batch],
-                                                     max_new_tokens)
-            if budget < max_new_tokens and not capped and rank0:
-                capped = True
-                tqdm.write(f"warning: MAX_SEQ_LEN={model.max_seq_len} cuts generation to {budget} < {max_new_tokens} "
-                           f"tokens (per batch, so answers may depend on --batch); raise MAX_SEQ_LEN for the protocol")
-            correct_so_far += sum(p == label for p, label in zip(batch_predictions, subject.labels[start:]))
-            total_so_far += len(batch_predictions)
-            predictions += batch_predictions
-            bar.update(len(batch_predictions))
-            bar.set_postfix(acc=f"{correct_so_far / total_so_far:.2%}")
+        predictions, budget = answer_questions(engine, tokenizer, subject.questions, max_new_tokens, batch, bar.update)
+        if budget < max_new_tokens and not capped and rank0:
+            capped = True
+            tqdm.write(f"warning: MAX_SEQ_LEN={model.max_seq_len} cuts generation to {budget} < {max_new_tokens} "
+                       f"tokens for the longest questions; raise MAX_SEQ_LEN for the protocol")
+        correct_so_far += sum(p == label for p, label in zip(predictions, subject.labels))
+        total_so_far += len(predictions)
+        bar.set_postfix(acc=f"{correct_so_far / total_so_far:.2%}")
         correct = sum(p == label for p, label in zip(predictions, subject.labels))
         results[subject.name] = {
             "category": subject.category, "file": str(subject.file.relative_to(dataset)),

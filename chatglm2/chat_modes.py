@@ -1,5 +1,7 @@
 """main.py's two interactive-sized modes: precision_single (the fixed question) and cli_demo (a streaming chat)."""
+import sys
 import time
+import unicodedata
 
 from chatglm2 import collectives
 from chatglm2.errors import InputError
@@ -7,6 +9,14 @@ from chatglm2.errors import InputError
 SINGLE_QUESTION = "下列选项中，属于我国古代四大发明的是____。\nA. 丝绸\nB. 瓷器\nC. 火药\nD. 茶叶"
 SINGLE_MAX_NEW_TOKENS = 512
 WELCOME = "欢迎使用 ChatGLM2-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
+NOT_UTF8 = "[the input is not UTF-8 text (is the terminal set to another encoding?); it was ignored]"
+
+
+def printable(text: str) -> str:
+    """Control characters other than newline and tab escaped (\\x1b), so that a model's answer cannot move the
+    cursor, clear the screen or retitle the terminal."""
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) == "Cc" and c not in "\n\t" else c
+                   for c in text)
 
 
 def precision_single(model, tokenizer, batch: int) -> None:
@@ -21,18 +31,24 @@ def precision_single(model, tokenizer, batch: int) -> None:
     if collectives.is_rank0():
         print(f"问：{SINGLE_QUESTION}")
         for row, ids in enumerate(output_ids):
-            print(f"[batch {row}] 答：{tokenizer.decode(ids).strip()}")
+            print(f"[batch {row}] 答：{printable(tokenizer.decode(ids).strip())}")
         print(f"{output_ids.numel()} tokens in {elapsed:.2f} s", flush=True)
 
 
 def read_user_turn() -> str:
-    """Rank 0 reads stdin; every rank gets the same text (end of input means stop)."""
+    """Rank 0 reads stdin; every rank gets the same text (end of input means stop, text that is not UTF-8 an empty
+    turn)."""
     text = None
     if collectives.is_rank0():
         try:
             text = input("\n用户：")
         except EOFError:
             text = "stop"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates (see cli_demo)
+            print(NOT_UTF8, flush=True)
+            text = ""
     return collectives.broadcast_object(text)
 
 
@@ -41,6 +57,7 @@ def cli_demo(model, tokenizer) -> None:
     rank0 = collectives.is_rank0()
     history = []
     if rank0:
+        sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 must not end the session
         print(WELCOME, flush=True)
     while True:
         query = read_user_turn().strip()
@@ -49,7 +66,7 @@ def cli_demo(model, tokenizer) -> None:
         if query == "clear":
             history = []
             if rank0:
-                print(WELCOME, flush=True)
+                print("\n" + WELCOME, flush=True)  # piped input is not echoed: leave the prompt's line first
             continue
         if not query:
             continue
@@ -59,7 +76,8 @@ def cli_demo(model, tokenizer) -> None:
         try:
             for response, history in model.stream_chat(tokenizer, query, history):
                 if rank0:
-                    print(response[len(printed):] if response.startswith(printed) else "\n" + response, end="", flush=True)
+                    print(printable(response[len(printed):] if response.startswith(printed) else "\n" + response), end="",
+                          flush=True)
                 printed = response
         except InputError as error:  # e.g. the history outgrew MAX_SEQ_LEN: say so and keep the session
             if rank0:

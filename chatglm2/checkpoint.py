@@ -2,19 +2,22 @@
 import hashlib
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from chatglm2.atomic import atomic_directory, atomic_file, write_text_atomic
+from chatglm2.atomic import atomic_directory, atomic_file, honour_umask, write_text_atomic
 from chatglm2.errors import InputError
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+# write_checkpoint's record of the files it wrote: only a folder holding nothing else may be replaced by it
+MARKER = ".written_by_chatglm2.json"
+FINGERPRINT_SPAN = 2 ** 20
 
 
 def read_config(path: str | Path) -> dict:
@@ -24,9 +27,31 @@ def read_config(path: str | Path) -> dict:
     if not config_file.is_file():
         raise InputError(f"{config_file} is missing; a ChatGLM2 checkpoint folder needs config.json, tokenizer.model and the weights")
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"{config_file} is not valid JSON ({error}); restore it from the original checkpoint") from None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{config_file} is not valid UTF-8 JSON ({error}); restore it from the original checkpoint") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_file} holds {json.dumps(config)[:40]}, not a JSON object of model settings; restore it "
+                         f"from the original checkpoint")
+    return config
+
+
+def read_weight_map(index_file: Path) -> dict[str, str]:
+    """The index's tensor name -> file name map, checked: an object of strings naming files inside the folder (an index
+    must not make the loader read ../something or /etc/something)."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        index = None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index_file} has no valid 'weight_map' (an object mapping tensor names to file names); "
+                         f"restore it from the original checkpoint")
+    for file in sorted(set(weight_map.values())):
+        if PurePosixPath(file).is_absolute() or ".." in PurePosixPath(file).parts:
+            raise InputError(f"{index_file} names {file!r}, outside the checkpoint folder; an index may only name files "
+                             f"inside it, restore it from the original checkpoint")
+    return weight_map
 
 
 def weight_files(path: str | Path) -> dict[str, Path]:
@@ -35,11 +60,7 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     for index_name in INDEX_FILES:
         index_file = path / index_name
         if index_file.is_file():
-            try:
-                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise InputError(f"{index_file} has no valid 'weight_map'; restore it from the original checkpoint") from None
-            files = {name: path / file for name, file in weight_map.items()}
+            files = {name: path / file for name, file in read_weight_map(index_file).items()}
             for file in sorted(set(files.values())):
                 if not file.is_file():
                     raise InputError(f"{file.name} is named in {index_name} but missing from {path}; download it again")
@@ -52,24 +73,48 @@ def weight_files(path: str | Path) -> dict[str, Path]:
 
 def tensor_names(file: Path) -> list[str]:
     if file.suffix == ".safetensors":
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             return list(f.keys())
     return list(_load_bin(file).keys())
 
 
+def open_safetensors(file: Path):
+    """safe_open, whose header checks (valid JSON, offsets that cover the file exactly) catch a truncated or damaged
+    file before any tensor is read."""
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"cannot read {file} as a safetensors file ({error}); it may be truncated or damaged, "
+                         f"download it again") from None
+
+
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        shard = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:
         raise InputError(f"cannot read {file} as a PyTorch weights file ({error.__class__.__name__}); it may be truncated") from None
+    if not isinstance(shard, dict):
+        raise InputError(f"{file} holds a {type(shard).__name__}, not the dict of tensors of a checkpoint shard; "
+                         f"download it again")
+    for name, tensor in shard.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise InputError(f"{file} holds {name!r}: {type(tensor).__name__}, not a named tensor as a checkpoint shard "
+                             f"does; download it again")
+    return shard
 
 
 def files_fingerprint(files: Iterable[Path]) -> str:
-    """Identifies files by name, size and modification time, without reading them (a stale-output check)."""
+    """Identifies files by content, cheaply (a stale-output check): name, size and the sha256 of the first and last MiB,
+    which hold a safetensors header and a .bin's zip directory, and the first and last tensors' bytes. Copies match
+    their originals whatever their times; rewritten weights do not."""
     digest = hashlib.sha256()
     for file in files:
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size};".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(FINGERPRINT_SPAN))
+            f.seek(max(0, size - FINGERPRINT_SPAN))
+            digest.update(f.read(FINGERPRINT_SPAN))
     return digest.hexdigest()[:16]
 
 
@@ -86,7 +131,7 @@ class CheckpointReader:
             raise InputError(f"{self.path} lacks tensor {name}; the checkpoint is incomplete")
         file = self.files[name]
         if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 return f.get_tensor(name)
         if file != self._bin_file:
             self._bin_file, self._bin = file, _load_bin(file)
@@ -103,7 +148,7 @@ def iter_shards(path: str | Path, wanted: Iterable[str] | None = None) -> Iterat
     for file in sorted(set(files.values())):
         names = [name for name, f in files.items() if f == file]
         if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
                 yield file, {name: f.get_tensor(name) for name in names}
             continue
         shard = _load_bin(file)
@@ -129,6 +174,7 @@ def save_shard(file: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(tensors, file, metadata={"format": "pt"})
     else:
         torch.save(tensors, file)
+    honour_umask(file)
 
 
 def write_index(directory: Path, weight_map: dict[str, str], total_size: int, safetensors: bool) -> None:
@@ -146,12 +192,32 @@ def write_config_and_tokenizer(directory: Path, config: dict, tokenizer_dir: str
                 shutil.copyfile(Path(tokenizer_dir) / name, tmp)
 
 
+def check_replaceable(path: Path) -> None:
+    """write_checkpoint may replace a folder only when it is empty or holds nothing but what write_checkpoint wrote
+    there before (as listed in its marker file): never someone's own folder."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise InputError(f"{path} exists and is not a folder; choose another path")
+    try:
+        written = set(json.loads((path / MARKER).read_text(encoding="utf-8"))["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):  # no marker, or not one this function wrote
+        written = set()
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in written)
+    if foreign:
+        raise InputError(f"{path} exists and holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                         f"which this tool did not write; writing would replace the folder, so choose a new or empty "
+                         f"one")
+
+
 def write_checkpoint(path: str | Path, config: dict, shards: Iterable[dict[str, torch.Tensor]], num_shards: int,
                      tokenizer_dir: str | Path, safetensors: bool = False) -> None:
-    """Write config, tokenizer and weight shards (with an index when there are several), all or nothing.
+    """Write config, tokenizer and weight shards (with an index when there are several), all or nothing, into a new
+    folder or over one that this function wrote (see check_replaceable).
 
     `shards` may be a generator, so only one shard need be in memory at a time.
     """
+    check_replaceable(Path(path))
     with atomic_directory(path) as tmp:
         write_config_and_tokenizer(tmp, config, tokenizer_dir)
         weight_map, total_size = {}, 0
@@ -163,3 +229,6 @@ def write_checkpoint(path: str | Path, config: dict, shards: Iterable[dict[str, 
                 total_size += tensor.numel() * tensor.element_size()
         if num_shards > 1:
             write_index(tmp, weight_map, total_size, safetensors)
+        written = sorted(p.name for p in tmp.iterdir())
+        write_text_atomic(tmp / MARKER, json.dumps({"written_by": "chatglm2.checkpoint.write_checkpoint",
+                                                    "files": written}) + "\n")

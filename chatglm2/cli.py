@@ -2,8 +2,10 @@
 import argparse
 import importlib
 import importlib.util
-import os
+import signal
+import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -11,9 +13,13 @@ import torch
 
 from chatglm2 import collectives, settings
 from chatglm2.checkpoint import read_config
+from chatglm2.compiled import COMPILE_MODES
 from chatglm2.device import DEVICE_KINDS, select_device, set_cpu_threads
+from chatglm2.engine import Engine
 from chatglm2.errors import InputError
 from chatglm2.tokenizer import ChatGLM2Tokenizer
+from chatglm2.weight_only import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, describe
+from chatglm2.weight_only_linear import GROUP_SIZES
 
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MODEL_FILE = "modeling_chatglm_ascend.py"
@@ -23,14 +29,12 @@ SEED_MODEL_FILE = Path(__file__).resolve().parent.parent / DEFAULT_MODEL_FILE
 def run_cli(main: Callable[[], None]) -> None:
     """Run a command's main(); bad input becomes one 'error: ...' line on stderr and exit status 2.
 
-    Under torchrun every rank exits non-zero but only rank 0 prints, so the user reads the message once.
+    Under torchrun every rank exits with 2 but only rank 0 prints, so the user reads the message once.
     """
     try:
         main()
     except InputError as error:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        collectives.exit_on_error(f"error: {error}", 2)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -52,6 +56,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="device kind; auto picks NPU, else CUDA, else CPU")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights and activations; auto = fp16 on NPU/GPU, bf16 on CPU where supported")
+    parser.add_argument("--compile", default="auto", choices=COMPILE_MODES,
+                        help="the decode step compiled by inductor and, on CUDA, captured in CUDA graphs; "
+                             "auto = on for CUDA, off elsewhere")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                        help="weight-only quantization at load of the four linears of every layer (a THUDM int4/int8 "
+                             "checkpoint needs no flag)")
+    parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
+                        help=f"int4: input columns per scale and zero point (default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--quantize_output_layer", default="auto", choices=("auto",) + QUANTIZE_CHOICES + ("none",),
+                        help="output_layer of a weight-only model: auto (as the other layers, the fastest), int8 (more "
+                             "accurate under int4), or none (float)")
 
 
 def model_class(model_file: str) -> type:
@@ -62,8 +77,15 @@ def model_class(model_file: str) -> type:
     if not path.is_file():
         raise InputError(f"--model_file {model_file} does not exist; leave it out to use {DEFAULT_MODEL_FILE}")
     spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None:
+        raise InputError(f"--model_file {model_file} is not a Python file (*.py); name the modeling file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # the user's own code: say where to look rather than print our traceback
+        raise InputError(f"--model_file {model_file} fails to import ({error.__class__.__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}); run python {model_file} to see the "
+                         f"traceback") from None
     if not hasattr(module, "ChatGLM2ForCausalLM"):
         raise InputError(f"--model_file {model_file} defines no ChatGLM2ForCausalLM")
     return module.ChatGLM2ForCausalLM
@@ -79,8 +101,77 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     tokenizer = ChatGLM2Tokenizer.from_pretrained(args.model_path)
     model = model_class(args.model_file).from_pretrained(
         args.model_path, device=device, dtype=DTYPES[args.dtype], tp_rank=tp_rank, tp_size=args.tp_size,
-        show_progress=tp_rank == 0)
+        show_progress=tp_rank == 0, compile=args.compile, quantize=args.quantize, group_size=args.group_size,
+        quantize_output_layer=None if args.quantize_output_layer == "none" else args.quantize_output_layer)
     if tp_rank == 0:
-        print(f"loaded {args.model_path} on {device} ({str(model.dtype).removeprefix('torch.')}, tp_size {args.tp_size}, "
-              f"MAX_SEQ_LEN {model.max_seq_len})", flush=True)
+        print(f"loaded {args.model_path} on {device} ({str(model.dtype).removeprefix('torch.')}{describe(model)}, "
+              f"tp_size {args.tp_size}, MAX_SEQ_LEN {model.max_seq_len})", flush=True)
     return model, tokenizer
+
+
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1 to 65535)")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def add_server_args(parser: argparse.ArgumentParser, default_port: int, default_max_batch: int) -> None:
+    """The flags web_demo.py and openai_api.py share."""
+    parser.add_argument("--server_name", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 opens the server to the network")
+    parser.add_argument("--server_port", type=port_number, default=default_port)
+    parser.add_argument("--max_batch", type=positive_int, default=default_max_batch,
+                        help=f"requests answered at once, each in its own KV-cache slot (default {default_max_batch}); "
+                             f"the cache takes max_batch x MAX_SEQ_LEN x 28 KiB for ChatGLM2-6B in fp16")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before the model loads (minutes for the real one) rather than after."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise InputError(f"cannot listen on {host}:{port} ({error.strerror}); "
+                             f"pick a free port with --server_port") from None
+
+
+def ignore_stop_signals() -> None:
+    """Under torchrun the other ranks leave when rank 0 says so, never mid-collective."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def serve(args: argparse.Namespace, run_server: Callable[[Engine, ChatGLM2Tokenizer], None],
+          max_waiting: int | None = None) -> None:
+    """The life of a server command (web_demo.py, openai_api.py): the port checked before the model loads, then an
+    engine of --max_batch slots. Rank 0 runs run_server(engine, tokenizer) while the engine's thread answers; the
+    other ranks follow the engine's plan; when run_server returns, everything stops together."""
+    rank0 = collectives.launched_rank() == 0
+    if rank0:
+        check_port_free(args.server_name, args.server_port)
+    model, tokenizer = load_model_and_tokenizer(args)
+    engine = Engine(model, args.max_batch, tokenizer, max_waiting)
+    if not rank0:
+        # Ctrl+C and torchrun's SIGTERM reach every rank; these leave when rank 0 says so, never mid-collective.
+        ignore_stop_signals()
+        engine.follow_forever()
+        collectives.shutdown()
+        return
+    stopping = threading.Event()
+    worker = threading.Thread(target=engine.serve_forever, args=(stopping,), name="engine")
+    worker.start()
+    try:
+        run_server(engine, tokenizer)
+    finally:
+        ignore_stop_signals()  # the terminal's and torchrun's signals come in pairs: let the second not cut this short
+        stopping.set()  # ends the answers in progress; then the other ranks stop too
+        engine.wake()
+        worker.join()
+    collectives.shutdown()

@@ -1,8 +1,10 @@
 """Tensor-parallel plumbing: process group set-up under torchrun and the few collectives the model needs."""
 import os
+import signal
 import sys
+import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -10,6 +12,7 @@ import torch.distributed as dist
 from chatglm2.errors import InputError
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+ERROR_EXIT_WAIT_S = 5  # how long a rank other than 0 waits for rank 0 to report an error they share
 
 
 def launched_world_size() -> int:
@@ -88,3 +91,26 @@ def shutdown() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def exit_on_error(message: str, status: int) -> NoReturn:
+    """Print `message` on stderr once and end with `status`, on every rank.
+
+    Under torchrun, ranks that stop on the same bad input get here together: rank 0 prints and exits at once; the others
+    wait for the SIGTERM that torchrun sends when it sees rank 0 end, and answer it with the same status, so torchrun
+    reports that status for every rank (not -15 for the slower ones) and the message is out first. A rank whose error
+    is its own (rank 0 does not end) prints it itself after ERROR_EXIT_WAIT_S. torchrun then prints its ChildFailedError
+    summary, which no worker can suppress. os._exit skips interpreter finalization, which can abort while gloo's
+    threads still hold tensors (see shutdown).
+    """
+    rank = launched_rank()
+    if launched_world_size() > 1:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
+        if rank != 0:
+            time.sleep(ERROR_EXIT_WAIT_S)
+            message = f"{message} (rank {rank})"
+    print(message, file=sys.stderr, flush=True)
+    if launched_world_size() == 1:
+        sys.exit(status)
+    sys.stdout.flush()
+    os._exit(status)

@@ -1,10 +1,18 @@
 """ChatGLM2's config.json: the fields this implementation reads, and the checkpoints it refuses."""
+import json
 from dataclasses import dataclass, field, fields
 
 from chatglm2.errors import InputError
 
 REQUIRED_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
                    "padded_vocab_size")
+# What a field's JSON value must be, by its annotation: "num_layers": "4" or true is refused, not computed with.
+JSON_TYPES = {
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    list[int]: ("a list of integers", lambda v: isinstance(v, list) and all(JSON_TYPES[int][1](i) for i in v)),
+}
 
 
 @dataclass
@@ -24,6 +32,7 @@ class ChatGLM2Config:
     eos_token_id: int = 2
     pad_token_id: int = 0
     float_layers_id: list[int] = field(default_factory=lambda: [0])
+    quantization_bit: int = 0  # THUDM's weight-only checkpoints (chatglm2-6b-int4): 4 or 8; 0 = float
 
     @classmethod
     def from_dict(cls, config: dict) -> "ChatGLM2Config":
@@ -39,11 +48,19 @@ class ChatGLM2Config:
         if config.get("pre_seq_len"):
             raise InputError("config.json sets pre_seq_len (a P-tuning v2 prefix), which is not supported; "
                              "merge or drop the prefix encoder first")
-        if config.get("quantization_bit"):
-            raise InputError("config.json sets quantization_bit (THUDM's own int4/int8 format), which is not supported; "
-                             "use the float checkpoint, and ENABLE_QUANT for W8A8")
+        if config.get("quantization_bit") not in (None, 0, 4, 8):
+            raise InputError(f"config.json sets quantization_bit to {json.dumps(config['quantization_bit'])}; THUDM's "
+                             f"quantized checkpoints have 4 or 8 (0 or none for float); restore it from the original")
         known = {f.name for f in fields(cls)}
         values = {name: value for name, value in config.items() if name in known and value is not None}
+        for f in fields(cls):
+            what, valid = JSON_TYPES.get(f.type, ("", lambda v: True))
+            if f.name in values and not valid(values[f.name]):
+                raise InputError(f"config.json sets {f.name} to {json.dumps(values[f.name])}, not {what}; restore it "
+                                 f"from the original checkpoint")
+        small = [name for name in REQUIRED_FIELDS + ("multi_query_group_num",) if values.get(name, 1) < 1]
+        if small:
+            raise InputError(f"config.json sets {small[0]} to {values[small[0]]}; it must be at least 1")
         return cls(**values)
 
     @property

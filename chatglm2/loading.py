@@ -1,7 +1,8 @@
 """Filling a model built on the meta device: float tensors as they stream from the checkpoint, then W8A8 layers.
 
 Nothing is held twice: each tensor is assigned as it streams in, and the float weights of W8A8 layers are never read,
-because those layers are QuantLinear from the start.
+because those layers are QuantLinear from the start. Weight-only layers (weight_only.py) are WeightOnlyLinear from the
+start too: their float weights are quantized one tensor at a time as they stream in, so the float model never exists.
 """
 import dataclasses
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from chatglm2 import ops, settings
 from chatglm2.checkpoint import iter_tensors, read_config, weight_files
+from chatglm2.compiled import compile_enabled
 from chatglm2.config import ChatGLM2Config
 from chatglm2.device import default_dtype, select_device
 from chatglm2.errors import InputError
@@ -24,14 +26,18 @@ from chatglm2.quant_files import (DEQ, FLOAT, INT, INT8, NORM_FILE, PART_NAMES, 
 from chatglm2.quant_linear import QuantLinear
 from chatglm2.sparse_format import check_compressed, rank_weights
 from chatglm2.tensor_parallel import check_tp_config, part_model_dir
+from chatglm2.weight_only import WeightOnlyLoader, plan_layers, use_weight_only_layers
 
 ROPE_BYTES_PER_POSITION = 2 * 4  # the cos and sin tables hold fp32 values, kv_channels // 4 of each per position
 
 
 def load_pretrained(cls: type, path: str | Path, device: str | torch.device | None, dtype: torch.dtype | None,
                     tp_rank: int, tp_size: int, max_seq_len: int | None, quant_path: str | Path | None,
-                    compress_path: str | Path | None, show_progress: bool) -> nn.Module:
-    """ChatGLM2ForCausalLM.from_pretrained: every input checked (and the memory estimated) before the long load."""
+                    compress_path: str | Path | None, show_progress: bool, quantize: str | None = None,
+                    group_size: int = 128, quantize_output_layer: str | None = "auto", compile: str = "auto") -> nn.Module:
+    """ChatGLM2ForCausalLM.from_pretrained: every input checked (and the memory estimated) before the long load.
+    quantize ("int8", "int4"), group_size and quantize_output_layer ("auto", "int8", "int4", None): weight-only quantization
+    at load (weight_only.py); a THUDM quantized checkpoint loads as weight-only without quantize."""
     if not isinstance(device, torch.device):
         device = select_device(device or "auto", tp_rank)
     dtype = dtype or default_dtype(device)
@@ -40,6 +46,7 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     quant_path = Path(quant_path) if quant_path else settings.quant_path()
     config = ChatGLM2Config.from_dict(read_config(path))
     check_tp_config(config, tp_size)
+    weight_only = plan_layers(config, quantize, group_size, quantize_output_layer, w8a8=quant_path is not None)
     if compress_path and not quant_path:
         raise InputError("sparse weights (COMPRESS_WEIGHT_PATH) need their W8A8 parts too: pass quant_path "
                          "(QUANT_WEIGHT_PATH)")
@@ -53,25 +60,30 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     with torch.device("meta"):
         model = cls(config, tp_rank, tp_size, max_seq_len)
         use_quant_layers(model, quant_layers)
+        use_weight_only_layers(model, weight_only, dtype)
     check_memory(model, config, tp_size, max_seq_len, device, dtype)
-    load_float_weights(model, weights_dir, device, dtype, set(quant_layers), show_progress)
+    load_float_weights(model, weights_dir, device, dtype, set(quant_layers), show_progress,
+                       WeightOnlyLoader(model, weight_only, device, dtype))
     if quant_path:
-        load_quant_weights(model, config, quant_path, tp_rank, tp_size, compress_path, device, dtype)
+        load_quant_weights(model, config, quant_path, tp_rank, tp_size, compress_path, device, dtype,
+                           pack=not compile_enabled(compile, device))
     model.rope_cos, model.rope_sin = ops.rotary_tables(max_seq_len, config.kv_channels // 2,
                                                        10000.0 * config.rope_ratio, device)
-    ops.pack_linears(model)  # last: only plain float nn.Linear layers are repacked
+    model.compile = compile_enabled(compile, device)
+    if not model.compile:  # inductor compiles plain linears; oneDNN's prepacked weights are opaque to it
+        ops.pack_linears(model)  # last: only plain float nn.Linear layers are repacked
     return model.eval()
 
 
 def check_memory(model: nn.Module | type, config: ChatGLM2Config, tp_size: int, max_seq_len: int,
                  device: torch.device, dtype: torch.dtype, lower_bound: bool = False) -> None:
     """Weights, rotary tables and the KV cache of one sequence must fit. With lower_bound, `model` is the class and
-    only one layer is built (on meta) and counted at a quarter of its size for every layer, the least any weight
-    format takes: a config.json with an absurd num_layers is refused before a meta model of that size is built."""
+    only one layer is built (on meta) and counted at half a byte per parameter, the least any weight format takes
+    (int4): a config.json with an absurd num_layers is refused before a meta model of that size is built."""
     if lower_bound:
         with torch.device("meta"):
             one_layer = model(dataclasses.replace(config, num_layers=1), 0, tp_size, 1)
-        weights = config.num_layers * module_bytes(one_layer.transformer.encoder.layers[0], dtype) // 4
+        weights = config.num_layers * module_bytes(one_layer.transformer.encoder.layers[0], torch.int8) // 2
     else:
         weights = module_bytes(model, dtype)
     kv_groups = max(1, config.kv_groups // min(tp_size, config.kv_groups))
@@ -91,9 +103,9 @@ def use_quant_layers(model: nn.Module, layers: list[str]) -> None:
 
 
 def load_float_weights(model: nn.Module, weights_dir: Path, device: torch.device, dtype: torch.dtype,
-                       skip_modules: set[str], show_progress: bool) -> None:
+                       skip_modules: set[str], show_progress: bool, weight_only: WeightOnlyLoader) -> None:
     """Assign every float parameter from the checkpoint, tensor by tensor; tensors of `skip_modules` (the W8A8
-    layers) are passed over without being read."""
+    layers) are passed over without being read, and the weights of weight-only layers go to `weight_only`."""
     expected = dict(model.named_parameters())
     loaded = set()
     names = weight_files(weights_dir)
@@ -102,6 +114,10 @@ def load_float_weights(model: nn.Module, weights_dir: Path, device: torch.device
                              unit="tensor", disable=not show_progress):
         if name.endswith("rotary_pos_emb.inv_freq"):
             continue  # derived from the config
+        if weight_only.takes(name):
+            weight_only.take(name, tensor, weights_dir)
+            loaded.add(name)
+            continue
         if name not in expected:
             raise InputError(f"{weights_dir} holds tensor {name}, which ChatGLM2 does not have; is this another model?")
         if tuple(tensor.shape) != tuple(expected[name].shape):
@@ -111,13 +127,13 @@ def load_float_weights(model: nn.Module, weights_dir: Path, device: torch.device
         setattr(model.get_submodule(module_name), attr,
                 nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         loaded.add(name)
-    missing = sorted(set(expected) - loaded)
+    missing = sorted(set(expected) - loaded) + weight_only.missing()
     if missing:
         raise InputError(f"{weights_dir} lacks {len(missing)} tensor(s), e.g. {missing[0]}; the checkpoint is incomplete")
 
 
 def load_quant_weights(model: nn.Module, config, quant_path: Path, tp_rank: int, tp_size: int,
-                       compress_path: Path | None, device: torch.device, dtype: torch.dtype) -> None:
+                       compress_path: Path | None, device: torch.device, dtype: torch.dtype, pack: bool = True) -> None:
     """Fill this rank's QuantLinear layers from {quant_path}/tp{N}/ and the per-tensor input parameters, and put in
     the smoothed RMSNorm weights. With compress_path, the int8 weights come decompressed from ENABLE_SPARSE's folder."""
     part_dir = quant_path / f"tp{tp_size}"
@@ -138,7 +154,7 @@ def load_quant_weights(model: nn.Module, config, quant_path: Path, tp_rank: int,
         input_offset = layer_array(input_offsets, layer, quant_path / "input_offset", (1,), FLOAT + INT)
         quant.load(torch.tensor(weight, dtype=torch.int8, device=device),
                    torch.tensor(bias, dtype=torch.int32, device=device),
-                   torch.tensor(deq_scale, device=device), float(input_scale[0]), float(input_offset[0]))
+                   torch.tensor(deq_scale, device=device), float(input_scale[0]), float(input_offset[0]), pack)
     if dict_file(quant_path, NORM_FILE) is not None:
         norms = read_dict(quant_path, NORM_FILE)
         for name in norms:

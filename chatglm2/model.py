@@ -1,21 +1,43 @@
-"""ChatGLM2-6B for inference on Ascend NPU, NVIDIA GPU or CPU: the model, its loading, and generation.
+"""ChatGLM2-6B for inference on Ascend NPU, NVIDIA GPU or CPU: the model and its three kinds of forward pass.
 
 The module layout and parameter names mirror THUDM/chatglm2-6b, so a Hugging Face checkpoint (or a tensor-parallel
-part written by process_weights.py) loads by name. The heavy operators come from ops.py.
+part written by process_weights.py) loads by name. The heavy operators come from ops.py. A forward pass is one of:
+scoring (`forward`: a left-padded batch, no cache), a prefill (right-padded prompts written into rows of the KV
+cache) or a decode step (one token per cache row, static shapes: positions live in a tensor and the attention mask
+is built from them on the device, so the step can be compiled and captured in a CUDA graph).
 """
-import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-from chatglm2 import collectives, ops, sampling, settings
+from chatglm2 import collectives, generation, ops, settings
+from chatglm2.compiled import CompiledDecode
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
 from chatglm2.loading import load_pretrained
+from chatglm2.memory import check_fits, kv_cache_bytes
 from chatglm2.ops import RMSNorm
 from chatglm2.tokenizer import ChatGLM2Tokenizer
+
+
+@dataclass
+class Attend:
+    """How one forward pass's queries attend, and where their keys and values go.
+
+    Scoring and prefill (positions None): over the pass's own keys, limited by `mask` (bool [batch, 1, seq, seq],
+    True = may attend) or causally when it is None; with `cache_rows` [batch] the keys and values are also written to
+    those rows of the KV cache at positions 0..seq-1. Decode (positions [batch], one token per row): row i's key and
+    value go to position positions[i] of cache row i (rows [batch] = 0..batch-1), and it attends over cache positions
+    0..key_len-1 of its row, limited by `mask` (bool [batch, 1, 1, key_len]), or all of them when mask is None.
+    """
+    mask: torch.Tensor | None = None
+    cache_rows: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    key_len: int = 0
 
 
 class SelfAttention(nn.Module):
@@ -31,19 +53,21 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv_cache: torch.Tensor | None, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                layer_cache: torch.Tensor | None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_groups * self.head_dim
-        q, k, v = self.query_key_value(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = ops.apply_rotary(q.view(batch, seq, self.num_heads, self.head_dim), cos, sin)
-        k = ops.apply_rotary(k.view(batch, seq, self.num_kv_groups, self.head_dim), cos, sin).transpose(1, 2)
-        v = v.view(batch, seq, self.num_kv_groups, self.head_dim).transpose(1, 2)
-        if kv_cache is not None:
-            kv_cache[0, :, :, start:start + seq] = k
-            kv_cache[1, :, :, start:start + seq] = v
-            k, v = kv_cache[0, :, :, :start + seq], kv_cache[1, :, :, :start + seq]
-        out = self.dense(ops.attention(q, k, v, mask))
+        heads, groups = self.num_heads, self.num_kv_groups
+        qkv = self.query_key_value(x).view(batch, seq, heads + 2 * groups, self.head_dim)
+        q, k = ops.apply_rotary(qkv[:, :, :heads + groups], cos, sin).split([heads, groups], dim=2)  # one rotation
+        k, v = k.transpose(1, 2), qkv[:, :, heads + groups:].transpose(1, 2)
+        if attend.positions is not None:
+            layer_cache[0, attend.rows, :, attend.positions] = k[:, :, 0]
+            layer_cache[1, attend.rows, :, attend.positions] = v[:, :, 0]
+            k, v = layer_cache[0, :batch, :, :attend.key_len], layer_cache[1, :batch, :, :attend.key_len]
+        elif attend.cache_rows is not None:
+            layer_cache[0, attend.cache_rows, :, :seq] = k
+            layer_cache[1, attend.cache_rows, :, :seq] = v
+        out = self.dense(ops.attention(q, k, v, attend.mask))
         return collectives.all_reduce_sum(out) if self.tp_size > 1 else out
 
 
@@ -70,9 +94,9 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config, tp_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv_cache: torch.Tensor | None, start: int) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, mask, kv_cache, start)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                layer_cache: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, attend, layer_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -97,19 +121,17 @@ class ChatGLM2Model(nn.Module):
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size // tp_size, bias=False)
 
 
-def attention_mask(key_valid: torch.Tensor, has_padding: bool, start: int, seq: int) -> torch.Tensor | None:
-    """Bool [batch, 1, seq, start+seq] (True = may attend), or None when plain causal attention is exact.
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Bool [batch, 1, seq, seq] (True = may attend) for a left-padded batch, or None when causal attention is exact.
 
     A padding query row may attend to itself only, so that it never sees an all-masked row (NaN).
     """
-    keys = start + seq
-    if not has_padding:
+    if bool(attention_mask.all()):
         return None
-    positions = torch.arange(keys, device=key_valid.device)
-    query_positions = positions[start:, None]
-    causal = positions[None, :] <= query_positions
-    mask = causal[None, None] & key_valid[:, None, None, :keys]
-    return mask | (positions[None, :] == query_positions)[None, None]
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    causal = positions[None, :] <= positions[:, None]
+    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return mask | torch.eye(len(positions), dtype=torch.bool, device=attention_mask.device)[None, None]
 
 
 class ChatGLM2ForCausalLM(nn.Module):
@@ -121,21 +143,31 @@ class ChatGLM2ForCausalLM(nn.Module):
         self.max_seq_len = max_seq_len
         self.transformer = ChatGLM2Model(config, tp_size)
         self.kv_cache: torch.Tensor | None = None
+        self.compile = False  # whether allocate_kv_cache compiles (and on CUDA captures) the decode step
+        self.compiled_decode: CompiledDecode | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         tp_rank: int = 0, tp_size: int = 1, max_seq_len: int | None = None,
                         quant_path: str | Path | None = None, compress_path: str | Path | None = None,
-                        show_progress: bool = False) -> "ChatGLM2ForCausalLM":
+                        show_progress: bool = False, compile: str = "auto", quantize: str | None = None,
+                        group_size: int = 128, quantize_output_layer: str | None = "auto") -> "ChatGLM2ForCausalLM":
         """Load a checkpoint directory (HF layout); with tp_size > 1, this rank's part from process_weights.py.
 
         device: "auto" / "npu" / "cuda" / "cpu" / a torch.device (default: auto, using device index tp_rank);
         dtype: default fp16 on NPU/GPU, bf16 on a CPU with native bf16, else fp32. max_seq_len, quant_path (W8A8
         weights from export_quant_weight.py) and compress_path (their sparse compressed form) default to the seed's
         environment variables (MAX_SEQ_LEN, ENABLE_QUANT + QUANT_WEIGHT_PATH, ENABLE_SPARSE + COMPRESS_WEIGHT_PATH).
+        compile: "auto" (on for CUDA), "on" or "off": the decode step compiled by inductor, and on CUDA captured in
+        CUDA graphs, when the KV cache is allocated.
+        quantize: "int8" / "int4" quantizes the four encoder linears of every layer as they load (weight-only; int4 in
+        groups of group_size input columns); a THUDM quantized checkpoint ("quantization_bit" in config.json) loads
+        as weight-only by itself. quantize_output_layer: what output_layer becomes in a weight-only model ("auto": the
+        same format as the other layers; "int8", "int4", or None for float). See weight_only.py.
         """
         return load_pretrained(cls, path, device, dtype, tp_rank, tp_size, max_seq_len, quant_path, compress_path,
-                               show_progress)
+                               show_progress, compile=compile, quantize=quantize, group_size=group_size,
+                               quantize_output_layer=quantize_output_layer)
 
     @property
     def device(self) -> torch.device:
@@ -145,53 +177,81 @@ class ChatGLM2ForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.embedding.word_embeddings.weight.dtype
 
-    def _hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_valid: torch.Tensor,
-                       has_padding: bool, start: int, use_cache: bool) -> torch.Tensor:
-        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        mask = attention_mask(key_valid, has_padding, start, input_ids.shape[1])
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The final-normed hidden states [batch, seq, hidden] of tokens at `positions` [batch, seq]."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.transformer.embedding.word_embeddings(input_ids)
         for i, layer in enumerate(self.transformer.encoder.layers):
-            x = layer(x, cos, sin, mask, self.kv_cache[i] if use_cache else None, start)
+            x = layer(x, cos, sin, attend, None if self.kv_cache is None else self.kv_cache[i])
         return self.transformer.encoder.final_layernorm(x)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.transformer.output_layer(hidden)
         if self.tp_size > 1:
             logits = collectives.all_gather_last_dim(logits)
         return logits.float()
 
-    @staticmethod
-    def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-        """Left padding: pad positions get 0 and each row's first real token is position 0."""
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 last_logit_only: bool = False) -> torch.Tensor:
-        """Logits [batch, seq, vocab] in fp32, without a KV cache (for scoring); [batch, 1, vocab] for the last
-        position only with last_logit_only, which spares the vocabulary projection of every other position."""
+        """Logits [batch, seq, vocab] in fp32 of a left-padded batch, without a KV cache (for scoring); [batch, 1,
+        vocab] for the last position only with last_logit_only, which spares the vocabulary projection of the rest."""
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         if input_ids.shape[1] > self.max_seq_len:
             raise InputError(f"input of {input_ids.shape[1]} tokens exceeds MAX_SEQ_LEN={self.max_seq_len}; "
                              f"shorten it or export MAX_SEQ_LEN={input_ids.shape[1]}")
-        hidden = self._hidden_states(input_ids, self._position_ids(mask), mask.bool(), not bool(mask.all()), 0, False)
-        return self._logits(hidden[:, -1:] if last_logit_only else hidden)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # pad positions get 0; each row's first token is 0
+        hidden = self.hidden_states(input_ids, positions, Attend(mask=padding_mask(mask)))
+        return self.logits(hidden[:, -1:] if last_logit_only else hidden)
 
-    def _ensure_kv_cache(self, batch: int) -> None:
-        """One preallocated cache [layers, K/V, batch, kv_groups, MAX_SEQ_LEN, head_dim], kept between calls."""
+    def allocate_kv_cache(self, slots: int) -> None:
+        """One preallocated cache [layers, K/V, slots, kv_groups, MAX_SEQ_LEN, head_dim], kept between calls while
+        its shape fits; its size is checked against the free memory first."""
         attn = self.transformer.encoder.layers[0].self_attention
-        shape = (self.config.num_layers, 2, batch, attn.num_kv_groups, self.max_seq_len, attn.head_dim)
-        if self.kv_cache is None or self.kv_cache.shape != shape or self.kv_cache.dtype != self.dtype:
-            self.kv_cache = None
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (self.config.num_layers, 2, slots, attn.num_kv_groups, self.max_seq_len, attn.head_dim)
+        if self.kv_cache is not None and self.kv_cache.shape == shape and self.kv_cache.dtype == self.dtype:
+            return
+        self.kv_cache, self.compiled_decode = None, None
+        check_fits(f"the KV cache of {slots} sequence(s) of MAX_SEQ_LEN={self.max_seq_len} tokens",
+                   kv_cache_bytes(self.config.num_layers, slots, attn.num_kv_groups, self.max_seq_len, attn.head_dim,
+                                  self.dtype), self.device,
+                   "lower MAX_SEQ_LEN or the number of sequences at once (--batch, --max_batch)")
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.compile:
+            self.compiled_decode = CompiledDecode(self, slots)
 
-    def _sampling_generator(self, seed: int | None) -> torch.Generator:
-        """Every rank must draw the same token, so rank 0's seed is used everywhere."""
-        seed = collectives.broadcast_object(random.randrange(2 ** 63) if seed is None else seed)
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int, masked: bool) -> torch.Tensor:
+        """decode_step, compiled and captured when the model was loaded with compile on."""
+        if self.compiled_decode is not None:
+            return self.compiled_decode(tokens, positions)
+        return self.decode_step(tokens, positions, key_len, masked)
 
     @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], cache_rows: Sequence[int]) -> torch.Tensor:
+        """Run the prompts (right-padded, causal, so padding never reaches a real token) and write their keys and
+        values into `cache_rows` of the KV cache at positions 0..len-1; the logits [len(prompts), vocab] (fp32) of each
+        prompt's last token."""
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = torch.tensor([list(prompt) + [0] * (width - len(prompt)) for prompt in prompts], device=self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        rows = torch.tensor(list(cache_rows), device=self.device)
+        hidden = self.hidden_states(input_ids, positions, Attend(cache_rows=rows))
+        last = torch.tensor([len(prompt) - 1 for prompt in prompts], device=self.device)
+        return self.logits(hidden[torch.arange(len(prompts), device=self.device), last])
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int, masked: bool) -> torch.Tensor:
+        """One token for each of the first len(tokens) cache rows, at `positions`: the logits [rows, vocab] (fp32).
+
+        Shapes depend only on the number of rows and key_len and nothing is read back to the host, so the step can
+        be compiled and captured. masked=False is for rows that all sit at position key_len - 1 (no mask needed).
+        Call it under torch.inference_mode(), as the engine does."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        keys = torch.arange(key_len, device=tokens.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :] if masked else None
+        attend = Attend(mask=mask, positions=positions, rows=rows, key_len=key_len)
+        return self.logits(self.hidden_states(tokens[:, None], positions[:, None], attend)[:, 0])
+
     def generate_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
                         top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None,
@@ -199,43 +259,11 @@ class ChatGLM2ForCausalLM(nn.Module):
                         seed: int | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every row [batch] per step: a prefill, then one-token decode steps.
 
-        Rows that finished (EOS) get pad_token_id; it stops when every row has finished, unless ignore_eos.
+        Rows that finished (EOS) get pad_token_id; it stops when every row has finished, unless ignore_eos. Every
+        row is a request of its own on the continuous-batching engine, admitted together.
         """
-        input_ids = input_ids.to(self.device)
-        batch, prompt_len = input_ids.shape
-        if prompt_len == 0:
-            raise InputError("the prompt is empty; give at least one token")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if prompt_len + max_new_tokens > self.max_seq_len:
-            raise InputError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds "
-                             f"MAX_SEQ_LEN={self.max_seq_len}; shorten it or export MAX_SEQ_LEN={prompt_len + max_new_tokens}")
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        if not bool(mask.any(dim=-1).all()):
-            raise InputError("a prompt row is all padding; every row needs at least one token")
-        eos_token_id = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        generator = self._sampling_generator(seed) if do_sample else None
-
-        key_valid = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=self.device)
-        key_valid[:, :prompt_len] = mask.bool()
-        has_padding = not bool(mask.all())
-        position_ids = self._position_ids(mask)
-        self._ensure_kv_cache(batch)
-        hidden = self._hidden_states(input_ids, position_ids, key_valid, has_padding, 0, True)
-        next_position = position_ids[:, -1:] + 1
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        for step in range(max_new_tokens):
-            logits = self._logits(hidden[:, -1])
-            token = sampling.next_token(logits, do_sample, temperature, top_p, top_k, generator)
-            if not ignore_eos:
-                token = torch.where(finished, pad_token_id, token)
-                finished |= token == eos_token_id
-            yield token
-            if step == max_new_tokens - 1 or (not ignore_eos and bool(finished.all())):
-                return
-            hidden = self._hidden_states(token[:, None], next_position, key_valid, has_padding, prompt_len + step, True)
-            next_position += 1
+        return generation.generate_stream(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                          top_p, top_k, eos_token_id, pad_token_id, ignore_eos, seed)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
                  **kwargs) -> torch.Tensor:
@@ -250,27 +278,8 @@ class ChatGLM2ForCausalLM(nn.Module):
 
         max_length counts prompt and answer together and is capped at MAX_SEQ_LEN.
         """
-        history = list(history or [])
-        if not query.strip():
-            raise InputError("the message is empty; type something to ask")
-        input_ids = tokenizer(tokenizer.build_prompt(query, history))["input_ids"]
-        budget = min(max_length, self.max_seq_len) - input_ids.shape[1]
-        if budget < 1:
-            raise InputError(f"the conversation is {input_ids.shape[1]} tokens, which leaves no room under "
-                             f"max_length/MAX_SEQ_LEN={min(max_length, self.max_seq_len)}; clear the history or raise MAX_SEQ_LEN")
-        tokens, response = [], ""
-        for token in self.generate_stream(input_ids, max_new_tokens=budget, do_sample=do_sample, top_p=top_p,
-                                          temperature=temperature, top_k=top_k, seed=seed):
-            if int(token[0]) == self.config.eos_token_id:
-                break
-            tokens.append(int(token[0]))
-            text = tokenizer.decode(tokens)
-            if text and not text.endswith("\ufffd"):  # wait for the rest of a split multi-byte character
-                response = text.strip()
-                yield response, history + [(query, response)]
-        final = tokenizer.decode(tokens).strip()
-        if final != response or not tokens:
-            yield final, history + [(query, final)]
+        return generation.stream_chat(self, tokenizer, query, history, max_length, do_sample, top_p, temperature,
+                                      top_k, seed)
 
     def chat(self, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[tuple[str, str]] | None = None,
              **kwargs) -> tuple[str, list[tuple[str, str]]]:

@@ -15,6 +15,7 @@ import torch
 
 from chatglm2 import collectives
 from chatglm2.atomic import atomic_file, write_text_atomic
+from chatglm2.chat_modes import printable
 from chatglm2.device import synchronize
 from chatglm2.errors import InputError
 from chatglm2.model import ChatGLM2ForCausalLM
@@ -25,6 +26,7 @@ HEADER = ("Batch,InputSeqLen(Encoding),OutputSeqLen(Decoding),TimeOfFirstToken(m
 QUESTION = "如何学习python？"
 FILLER = "中国的首都在哪里？请做一首诗歌。五条直线相交有几个交点？"
 WARMUP_NEW_TOKENS = 2  # a prefill and a decode step, so first-call costs (allocation, kernel choice) are not timed
+CHART_SOURCE = "chatglm2 main.py --mode performance"  # a tEXt entry of the PNG: recognises our own chart
 
 
 @dataclass
@@ -91,13 +93,38 @@ def time_generation(model: ChatGLM2ForCausalLM, input_ids: torch.Tensor, max_new
     return GenerationTimes(stamps[0] - start, steps, stamps[-1] - start, torch.stack(tokens, dim=1))
 
 
+def is_own_chart(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Source") == CHART_SOURCE
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
 def output_file_problem(path: Path) -> str | None:
-    """Why `path` must not be appended to (it holds something other than this benchmark's rows), or None."""
+    """Why rows must not be appended to `path` or the chart beside it redrawn, or None: the same file for both, a
+    folder, or files that this benchmark did not write (they would be replaced)."""
+    chart = path.with_suffix(".png")
+    if chart == path:
+        return f"--performance_output_file {path} ends in .png, the name of the chart drawn beside it; give a .csv name"
+    for file in (path, chart):
+        if file.exists() and not file.is_file():
+            return f"{file} exists and is not a file; pass another --performance_output_file"
     if path.is_file() and path.stat().st_size > 0:
-        first_line = path.read_text(encoding="utf-8").splitlines()[0]
+        try:
+            with open(path, encoding="utf-8") as f:
+                first_line = f.readline().rstrip("\n")
+        except UnicodeDecodeError:
+            first_line = None
         if first_line != HEADER:
-            return (f"{path} exists but is not a performance CSV (its first line is {first_line[:60]!r}); "
+            shown = "not UTF-8 text" if first_line is None else repr(first_line[:60])
+            return (f"{path} exists but is not a performance CSV (its first line is {shown}); "
                     f"pass another --performance_output_file")
+    if chart.exists() and not is_own_chart(chart):
+        return (f"{chart} exists and is not a chart drawn by this benchmark, and this run's chart would replace it; "
+                f"move it away or pass another --performance_output_file")
     return None
 
 
@@ -154,7 +181,7 @@ def write_chart(csv_path: Path) -> Path:
     fig.tight_layout()
     png_path = csv_path.with_suffix(".png")
     with atomic_file(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Source": CHART_SOURCE})
     plt.close(fig)
     return png_path
 
@@ -186,6 +213,6 @@ def run_performance(model: ChatGLM2ForCausalLM, tokenizer: ChatGLM2Tokenizer, ba
             print_table_row(timing.csv_row().split(","))
             if print_response:
                 print(f"[input {seq_in}, output {seq_out}, batch row 0 of {batch}] "
-                      f"{tokenizer.decode(times.tokens[0]).strip()}", flush=True)
+                      f"{printable(tokenizer.decode(times.tokens[0]).strip())}", flush=True)
     if rank0:
         print(f"rows appended to {output_file}; chart {write_chart(output_file)}", flush=True)

@@ -17,7 +17,7 @@ from chatglm2.atomic import atomic_directory
 from chatglm2.checkpoint import CheckpointReader, read_config
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
-from chatglm2.model import GLMBlock
+from chatglm2.model import Attend, GLMBlock
 from chatglm2.ops import rotary_tables
 from chatglm2.quant_files import FILE_NAMES, LINEARS, NORM_FILE, dict_file, write_dict
 
@@ -173,6 +173,9 @@ def export(float_path: str | Path, prompts: list[list[int]], out_dir: str | Path
     input ranges of all four layers and gives the next block's input.
     """
     config = ChatGLM2Config.from_dict(read_config(float_path))
+    if config.quantization_bit:
+        raise InputError(f"{float_path} is THUDM's int{config.quantization_bit} checkpoint (quantization_bit in "
+                         f"config.json); W8A8 is calibrated from the float checkpoint, pass that as --float_weight")
     read = CheckpointReader(float_path)
     if not prompts:
         raise InputError("no calibration prompts; the data file must hold at least one question")
@@ -186,7 +189,7 @@ def export(float_path: str | Path, prompts: list[list[int]], out_dir: str | Path
     cos, sin = rotary_tables(longest, config.kv_channels // 2, 10000.0 * config.rope_ratio, device)
 
     def run(block: nn.Module) -> list[torch.Tensor]:
-        return [block(h, cos[None, :h.shape[1]], sin[None, :h.shape[1]], None, None, 0) for h in hidden]
+        return [block(h, cos[None, :h.shape[1]], sin[None, :h.shape[1]], Attend(), None) for h in hidden]
 
     dicts = {name: {} for name in FILE_NAMES}
     norms = {}

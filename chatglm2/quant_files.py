@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from chatglm2 import checkpoint
+from chatglm2.atomic import honour_umask
 from chatglm2.errors import InputError
 
 FILE_NAMES = ("quant_weight", "weight_scale", "weight_offset", "input_scale", "input_offset", "deq_scale", "quant_bias",
@@ -149,6 +150,7 @@ def write_dict(directory: Path, name: str, arrays: dict[str, np.ndarray]) -> Non
         # protocol 5 pickles each array from its own buffer; np.save's protocol 4 would copy them all first
         pickle.dump(holder, f, protocol=5)
     save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()}, directory / f"{name}.safetensors")
+    honour_umask(directory / f"{name}.safetensors")
 
 
 def decode_deq_scale(deq_scale: np.ndarray) -> np.ndarray:
@@ -172,7 +174,7 @@ def check_quant_files(quant_path: Path) -> None:
 
 
 def files_fingerprint(directory: Path, names: tuple[str, ...]) -> str:
-    """Identifies the dict files `names` in directory (both forms) by names, sizes and times, without reading them."""
+    """Identifies the dict files `names` in directory (both forms) by their content (see checkpoint.files_fingerprint)."""
     return checkpoint.files_fingerprint(directory / f"{name}{suffix}" for name in names for suffix in (".safetensors", ".npy")
                                         if (directory / f"{name}{suffix}").is_file())
 

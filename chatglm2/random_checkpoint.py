@@ -10,7 +10,7 @@ from typing import Iterator
 import sentencepiece
 import torch
 
-from chatglm2.checkpoint import write_checkpoint
+from chatglm2.checkpoint import check_replaceable, write_checkpoint
 from chatglm2.errors import InputError
 
 CORPUS = Path(__file__).resolve().parent.parent / "assets" / "tokenizer_corpus.txt"
@@ -48,18 +48,19 @@ def demo_config(num_layers: int = 2, hidden_size: int = 64, ffn_hidden_size: int
     }
 
 
-def random_shards(config: dict, num_shards: int, dtype: torch.dtype, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def random_shards(config: dict, num_shards: int, dtype: torch.dtype, seed: int,
+                  device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
     """The state dict of THUDM/chatglm2-6b's layout with random values, layers spread over `num_shards` shards."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)  # a GPU draws the 6B shape in seconds
     hidden, ffn, layers = config["hidden_size"], config["ffn_hidden_size"], config["num_layers"]
     qkv_rows = (config["num_attention_heads"] + 2 * config["multi_query_group_num"]) * config["kv_channels"]
     std = 0.02
 
     def normal(*shape: int, scale: float = std) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+        return (torch.randn(*shape, generator=generator, device=device) * scale).to("cpu", dtype)
 
     def norm_weight() -> torch.Tensor:
-        return (1.0 + 0.1 * torch.randn(hidden, generator=generator)).to(dtype)
+        return (1.0 + 0.1 * torch.randn(hidden, generator=generator, device=device)).to("cpu", dtype)
 
     layers_per_shard = math.ceil(layers / num_shards)
     for k in range(num_shards):
@@ -86,10 +87,13 @@ def random_shards(config: dict, num_shards: int, dtype: torch.dtype, seed: int) 
 def write_demo_checkpoint(path: str | Path, num_layers: int = 2, hidden_size: int = 64, ffn_hidden_size: int = 160,
                           num_attention_heads: int = 8, kv_channels: int | None = None, multi_query_group_num: int = 2,
                           padded_vocab_size: int | None = None, num_shards: int = 2, safetensors: bool = False,
-                          dtype: torch.dtype = torch.float16, seed: int = 0, vocab_size: int = 2000) -> Path:
-    """Write the checkpoint folder and return its path; padded_vocab_size defaults to the tokenizer's, rounded up to 64."""
+                          dtype: torch.dtype = torch.float16, seed: int = 0, vocab_size: int = 2000,
+                          device: str = "cpu") -> Path:
+    """Write the checkpoint folder (new, empty, or one written so before: see check_replaceable) and return its path;
+    padded_vocab_size defaults to the tokenizer's, rounded up to 64."""
     if num_shards < 1 or num_shards > num_layers + 1:
         raise InputError(f"--num_shards must be between 1 and num_layers + 1 ({num_layers + 1}), got {num_shards}")
+    check_replaceable(Path(path))  # before the tokenizer's training, not after
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         train_tokenizer(Path(tokenizer_dir), vocab_size)
         tokens = sentencepiece.SentencePieceProcessor(model_file=str(Path(tokenizer_dir) / "tokenizer.model")).vocab_size() + 5
@@ -98,6 +102,6 @@ def write_demo_checkpoint(path: str | Path, num_layers: int = 2, hidden_size: in
             raise InputError(f"padded_vocab_size {padded_vocab_size} is smaller than the tokenizer's {tokens} tokens")
         config = demo_config(num_layers, hidden_size, ffn_hidden_size, num_attention_heads, kv_channels,
                              multi_query_group_num, padded_vocab_size)
-        write_checkpoint(path, config, random_shards(config, num_shards, dtype, seed), num_shards, tokenizer_dir,
+        write_checkpoint(path, config, random_shards(config, num_shards, dtype, seed, device), num_shards, tokenizer_dir,
                          safetensors)
     return Path(path)

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
-from chatglm2.atomic import atomic_directory, write_text_atomic
+from chatglm2.atomic import atomic_directory, honour_umask, write_text_atomic
 from chatglm2.errors import InputError
 from chatglm2.quant_files import PARTS_META, SafetensorsDict, dict_file, files_fingerprint, read_dict
 
@@ -137,8 +137,9 @@ def write_compressed(weight_path: str | Path, save_path: str | Path, tp_size: in
                                  f"{compressed} bytes for {dense} dense; export with --sparse")
             rank_dir = tmp / f"compress{rank}"
             rank_dir.mkdir()
-            save_file(values, rank_dir / VALUES)
-            save_file(index, rank_dir / INDEX)
+            for name, arrays in ((VALUES, values), (INDEX, index)):
+                save_file(arrays, rank_dir / name)
+                honour_umask(rank_dir / name)
             info = {"format": FORMAT, "version": VERSION, "tp_size": parts_tp, "rank": rank,
                     "source": {"file": dict_file(part_dir, f"quant_weight{rank}").name,
                                "fingerprint": files_fingerprint(part_dir, (f"quant_weight{rank}",))},

@@ -4,7 +4,9 @@ Rank i gets: query heads chunk i with KV group i*kv_tp//tp (groups replicated be
 gate and up halves of dense_h_to_4h; columns i of the row-parallel self_attention.dense and dense_4h_to_h; rows i of
 the vocab-parallel output_layer; everything else whole.
 """
+import filecmp
 import json
+import re
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,11 +17,13 @@ from chatglm2.atomic import atomic_directory
 from chatglm2.checkpoint import (
     INDEX_FILES,
     SINGLE_FILES,
+    TOKENIZER_FILES,
     files_fingerprint,
     iter_shards,
     read_config,
     save_shard,
     shard_file_name,
+    tensor_names,
     weight_files,
     write_config_and_tokenizer,
     write_index,
@@ -35,7 +39,8 @@ def part_root(model_path: str | Path, tp_size: int) -> Path:
 
 
 def source_fingerprint(model_path: str | Path) -> str:
-    """Identifies the float weights a part was cut from: names, sizes and times of the weight files."""
+    """Identifies the float weights a part was cut from by their content (see files_fingerprint), so a copy of a
+    checkpoint with its parts still loads."""
     return files_fingerprint(sorted(set(weight_files(model_path).values())))
 
 
@@ -64,7 +69,7 @@ def part_model_dir(model_path: str | Path, tp_size: int, tp_rank: int) -> Path:
         config_file = root / str(rank) / "config.json"
         if not config_file.is_file():
             raise InputError(f"tensor-parallel part {root / str(rank)} is missing; {redo}")
-        part = json.loads(config_file.read_text(encoding="utf-8"))
+        part = read_config(root / str(rank))
         if part.get("world_size") != tp_size or part.get("tp_rank") != rank:
             raise InputError(f"{root / str(rank)} was written for another tp size; {redo}")
         fingerprints.add(part.get("source_fingerprint"))
@@ -116,19 +121,52 @@ def join_tensor(name: str, pieces: list[torch.Tensor], config: ChatGLM2Config) -
     return pieces[0]
 
 
+def check_output_folder(output_path: Path, model_path: str | Path, config: dict) -> None:
+    """--output_path must be new, empty, or made by this function from the same checkpoint before: tensor_parallel_tp*
+    folders beside a config.json and tokenizer files equal to the ones it writes. Anything else would lose the user's
+    own files or put these parts beside another model's tokenizer."""
+    if not output_path.exists():
+        return
+    if not output_path.is_dir():
+        raise InputError(f"--output_path {output_path} exists and is not a folder; choose a new or empty folder")
+
+    def written_here(entry: Path) -> bool:
+        if entry.name == "config.json":
+            try:
+                return json.loads(entry.read_text(encoding="utf-8")) == config
+            except (OSError, ValueError):
+                return False
+        if entry.name in TOKENIZER_FILES:
+            source = Path(model_path) / entry.name
+            return source.is_file() and entry.is_file() and filecmp.cmp(entry, source, shallow=False)
+        return entry.is_dir() and re.fullmatch(r"tensor_parallel_tp\d+", entry.name) is not None
+
+    foreign = sorted(entry.name for entry in output_path.iterdir() if not written_here(entry))
+    if foreign:
+        raise InputError(f"--output_path {output_path} already holds {', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}, which process_weights.py did not write there from "
+                         f"{model_path}; choose a new or empty folder")
+
+
 def write_tp_parts(model_path: str | Path, tp_size: int, output_path: str | Path | None = None,
                    show_progress: bool = True) -> Path:
     """Cut the float checkpoint into tp_size loadable parts, one source shard at a time (memory ~ one shard).
 
     Parts go to {output_path or model_path}/tensor_parallel_tp{N}/part_model/{rank}/ and appear only when all are
-    written. An --output_path folder also gets config.json and the tokenizer, so it works as main.py's --model_path.
+    written. An --output_path folder also gets config.json and the tokenizer, so it works as main.py's --model_path
+    (it must be new, empty or such a folder already: see check_output_folder).
     """
     config_dict = read_config(model_path)
     config = ChatGLM2Config.from_dict(config_dict)
     check_tp_config(config, tp_size)
     files = sorted(set(weight_files(model_path).values()))
+    for file in files:
+        tensor_names(file)  # a truncated or damaged shard is refused before any part folder is made
     fingerprint = source_fingerprint(model_path)
     out_root = Path(output_path or model_path)
+    separate = out_root.resolve() != Path(model_path).resolve()
+    if separate:
+        check_output_folder(out_root, model_path, config_dict)
     part_configs = [dict(config_dict, world_size=tp_size, tp_rank=rank, source_fingerprint=fingerprint)
                     for rank in range(tp_size)]
     with ExitStack() as stack:
@@ -152,6 +190,6 @@ def write_tp_parts(model_path: str | Path, tp_size: int, output_path: str | Path
             write_config_and_tokenizer(tmp_parts[rank], part_configs[rank], model_path)
             if len(files) > 1:
                 write_index(tmp_parts[rank], weight_map, total_size, safetensors=True)
-    if out_root != Path(model_path):
+    if separate:
         write_config_and_tokenizer(out_root, config_dict, model_path)
     return part_root(out_root, tp_size)

@@ -29,7 +29,11 @@ class ChatGLM2Tokenizer:
         model_file = Path(path) / "tokenizer.model"
         if not model_file.is_file():
             raise InputError(f"{model_file} is missing; the checkpoint directory must hold the SentencePiece tokenizer.model")
-        return cls(model_file)
+        try:
+            return cls(model_file)
+        except (RuntimeError, OSError) as error:  # SentencePiece's parse failure is a RuntimeError
+            raise InputError(f"{model_file} is not a SentencePiece model ({str(error).splitlines()[0]}); restore it "
+                             f"from the original checkpoint") from None
 
     def get_command(self, token: str) -> int:
         return self.special_token_ids[token]

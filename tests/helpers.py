@@ -37,8 +37,8 @@ def run(*args: str, stdin: str | None = None, timeout: float = 300, **env: str) 
                           timeout=timeout, env=run_env(**env))
 
 
-def main_py(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    return run("main.py", *args, stdin=stdin, **env)
+def main_py(*args: str, stdin: str | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return run("main.py", *args, stdin=stdin, timeout=timeout, **env)
 
 
 def torchrun_args(nproc: int) -> list[str]:
@@ -106,14 +106,19 @@ def rank0_pid(torchrun_process: subprocess.Popen) -> int:
     raise AssertionError("torchrun has no RANK=0 worker")
 
 
-def assert_torchrun_matches(model, model_path: Path, tp_size: int, out_dir: Path, **env: str) -> None:
-    """tests/tp_worker.py at tp_size under torchrun (with `env`): rank 0's logits and greedy tokens equal `model`'s
-    (the same weights in one process), and every rank got the same greedy and sampled tokens."""
+def assert_torchrun_matches(model, model_path: Path, tp_size: int, out_dir: Path, load_kwargs: dict | None = None,
+                            **env: str) -> None:
+    """tests/tp_worker.py at tp_size under torchrun (with `env`, and `load_kwargs` for from_pretrained): rank 0's
+    logits and greedy tokens equal `model`'s (the same weights in one process), and every rank got the same greedy and
+    sampled tokens."""
+    import json
+
     import torch
 
     from chatglm2.tokenizer import ChatGLM2Tokenizer
 
-    result = torchrun(tp_size, "tests/tp_worker.py", str(model_path), str(tp_size), str(out_dir), **env)
+    result = torchrun(tp_size, "tests/tp_worker.py", str(model_path), str(tp_size), str(out_dir),
+                      json.dumps(load_kwargs or {}), **env)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(tp_size)]
     batch = ChatGLM2Tokenizer.from_pretrained(model_path)(PROMPTS)

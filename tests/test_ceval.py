@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatglm2.ceval import EXTRACTION_PROMPT, answer_batch, load_dataset
+from chatglm2.ceval import EXTRACTION_PROMPT, answer_questions, load_dataset
+from chatglm2.engine import Engine
 from chatglm2.checkpoint import iter_tensors, read_config, write_checkpoint
 from chatglm2.errors import InputError
 from chatglm2.tensor_parallel import write_tp_parts
@@ -183,14 +184,15 @@ def test_resumes_an_unfinished_run(ckpt, jsonl_dataset, jsonl_run, tmp_path):
 def test_generation_is_capped_to_fit_max_seq_len(ckpt):
     tokenizer = ChatGLM2Tokenizer.from_pretrained(ckpt)
     questions = [question_text(q, options) for q, options, _ in SUBJECTS[0][2][:2]]
-    width = tokenizer([tokenizer.build_prompt(q) for q in questions])["input_ids"].shape[1]
+    longest = max(len(tokenizer.encode(tokenizer.build_prompt(q))) for q in questions)
     suffix = len(tokenizer.encode("\n" + EXTRACTION_PROMPT, add_special_tokens=False))
-    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32, max_seq_len=width + suffix + 5)
-    answers, budget = answer_batch(model, tokenizer, questions, max_new_tokens=512)
+    model = ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32,
+                                                max_seq_len=longest + suffix + 5)
+    answers, budget = answer_questions(Engine(model, 2), tokenizer, questions, max_new_tokens=512, batch=2)
     assert budget == 5 and len(answers) == 2
-    model.max_seq_len = width + suffix
+    model.max_seq_len = longest + suffix
     with pytest.raises(InputError, match="no room to answer"):
-        answer_batch(model, tokenizer, questions, max_new_tokens=512)
+        answer_questions(Engine(model, 2), tokenizer, questions, max_new_tokens=512, batch=2)
 
 
 def write(path: Path, text: str) -> Path:

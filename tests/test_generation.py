@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from chatglm2 import ops
 from chatglm2.errors import InputError
 from chatglm2.sampling import guard_invalid_scores, next_token
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
@@ -71,3 +72,18 @@ def test_stream_chat_grows_the_answer_and_the_history(model_and_tokenizer):
     assert history == [("你好", response)]
     again, history2 = model.chat(tokenizer, "再见", history, max_length=100, do_sample=False)
     assert history2[0] == ("你好", response) and history2[1] == ("再见", again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gpu_decode_attention_equals_sdpa(dtype):
+    """ops.decode_attention_matmul is what CUDA runs for one query per head; here it meets SDPA on the CPU."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=generator).to(dtype) for shape in
+               ((3, 2, 16, 64), (3, 2, 300, 64), (3, 2, 300, 64)))
+    mask = (torch.arange(300)[None, :] <= torch.tensor([5, 299, 120])[:, None])[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(ops.decode_attention_matmul(q, k, v, mask).float(), expected,
+                               rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    full = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(ops.decode_attention_matmul(q, k, v, None).float(), full,
+                               rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5 if dtype == torch.float32 else 2e-2)

@@ -89,3 +89,14 @@ def test_library_files_are_short_and_nothing_edits_sys_path():
     for path in (ROOT / "chatglm2").glob("*.py"):
         assert len(path.read_text(encoding="utf-8").splitlines()) <= MAX_LIBRARY_LINES, path.name
     assert not [path for path in project_files().values() if uses_sys_path(path)]
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    """The README's one test command installs what is missing itself (tests/run.sh), and CI runs exactly it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = readme.split("## Tests (one command)", 1)[1].split("```shell\n", 1)[1].split("\n", 1)[0]
+    assert command == "bash tests/run.sh"
+    assert (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1] == command
+    script = (ROOT / "tests" / "run.sh").read_text(encoding="utf-8")
+    assert "pip_install -r requirements.txt -r requirements-dev.txt" in script and "apt-get install" in script
+    assert script.strip().splitlines()[-1] == 'exec "$PYTHON" -m pytest -q tests "$@"'

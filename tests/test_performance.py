@@ -100,3 +100,16 @@ def test_benchmark_suite_smoke_runs_our_engine(tiny_ckpt, tmp_path):
     assert all(run["decode_step_ms"] > 0 and run["prefill_tokens_per_s"] > 0 for run in ours["runs"])
     assert ours["run_peak_rss"] > 0 and floor["engine"] == "floor" and floor["runs"][0]["decode_step_ms"] > 0
     assert "| ours |" in (tmp_path / "latest.md").read_text(encoding="utf-8")
+
+
+def test_the_gpu_check_runs_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.sh's code, smoke-run on the CPU so that the GPU session's one command is not broken."""
+    result = run("-m", "benchmarks.gpu_check", "--device", "cpu", "--quick", "--parts", "float,quantized,speed",
+                 "--variants", "eager,int4,transformers", "--out", str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))
+    failed = {name: part for name, part in report["results"].items() if isinstance(part, dict) and "error" in part}
+    assert not failed, failed
+    assert report["results"]["correctness: float (fp32, fp16) and compiled vs eager"]["pass"]
+    assert {"ours fp16, eager", "ours int4 weight-only, compiled", "transformers fp16 (eager, SDPA)"} <= set(report["results"])
+    assert "| ms per token |" in (tmp_path / "gpu_check.md").read_text(encoding="utf-8")

@@ -296,6 +296,25 @@ def test_export_flags(setup, tmp_path):
     assert (tmp_path / "precious" / "notes.txt").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpacked_quant_linear_the_path_of_cuda_and_npu_is_exact(dtype):
+    """pack=False keeps the raw int8 weight and runs quant_matmul, the branch every non-CPU tensor takes: driven here on
+    CPU, it equals the exact integer formula and the packed (oneDNN) CPU layer."""
+    generator = torch.Generator().manual_seed(0)
+    out_features, in_features, scale, offset = 48, 64, 0.05, 3.0
+    weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    bias = torch.randint(-1000, 1000, (out_features,), dtype=torch.int32, generator=generator)
+    deq_scale = torch.rand(out_features, generator=generator) * 1e-3
+    plain = QuantLinear(in_features, out_features).load(weight, bias, deq_scale, scale, offset, pack=False)
+    packed = QuantLinear(in_features, out_features).load(weight, bias, deq_scale, scale, offset)
+    assert plain.packed_weight is None and plain.weight is weight and packed.packed_weight is not None
+    x = (torch.randn(2, 3, in_features, generator=generator) * 3).to(dtype)
+    x_q = torch.clamp(torch.round(x.float() / scale + offset), -128, 127).long()
+    exact = ((x_q @ weight.long().T + bias).float() * deq_scale).to(dtype)
+    assert torch.equal(plain(x), exact)
+    torch.testing.assert_close(packed(x), exact, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-4)
+
+
 def test_range_observers():
     values = torch.randn(1000, 50)
     minmax = RangeObserver(values.numel())
@@ -307,3 +326,13 @@ def test_range_observers():
     assert minmax.range() == (ordered[0].item(), ordered[-1].item())
     keep = 50  # 0.1% of 50,000 values on each side
     assert percentile.range() == (ordered[keep - 1].item(), ordered[-keep].item())
+
+
+@pytest.mark.slow
+def test_compiled_w8a8_decode_gives_the_eager_tokens(setup):
+    ckpt, quant_dir = setup
+    batch = ChatGLM2Tokenizer.from_pretrained(ckpt)(PROMPTS[:2])
+    eager, compiled = (ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.float32, quant_path=quant_dir,
+                                                           max_seq_len=128, compile=mode) for mode in ("off", "on"))
+    assert compiled.get_submodule(LAYERS[0]).packed_weight is None  # the kernel path CUDA and NPU take
+    assert torch.equal(compiled.generate(**batch, max_new_tokens=8), eager.generate(**batch, max_new_tokens=8))

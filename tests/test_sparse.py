@@ -163,9 +163,14 @@ def test_bad_compressed_weights_give_one_clear_error(setup, tmp_path, monkeypatc
             ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", tp_size=tp_size, quant_path=quant_dir,
                                                 compress_path=compress_dir)
 
-    # parts cut again (another export) make the compressed weights stale
+    # parts cut again from another export make the compressed weights stale (cut again from the same one, they are not)
     other = tmp_path / "other_quant"
     shutil.copytree(quant_dir, other)
+    write_quant_parts(ckpt, other, 1, show_progress=False)
+    ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", quant_path=other, compress_path=root / "compress_tp1")
+    weights = {layer: weight.copy() for layer, weight in load_file(other / "quant_weight.safetensors").items()}
+    weights[LAYERS[0]][0, 0] ^= 1
+    quant_files.write_dict(other, "quant_weight", weights)
     write_quant_parts(ckpt, other, 1, show_progress=False)
     with pytest.raises(InputError, match="compressed from other quantized weights"):
         ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", quant_path=other, compress_path=root / "compress_tp1")

@@ -1,6 +1,7 @@
 """Tensor parallel with real torchrun processes on CPU (gloo) against the single-process model."""
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,10 +79,19 @@ def test_missing_and_stale_parts_are_refused(split_ckpt, tmp_path):
 
     process_weights(copy, 2)
     shard = sorted(copy.glob("pytorch_model-*.bin"))[0]
-    shard.write_bytes(shard.read_bytes())  # new mtime: the parts no longer match these weights
+    tensors = torch.load(shard, weights_only=True)
+    tensors["transformer.embedding.word_embeddings.weight"][0, 0] += 1  # other weights, same size
+    torch.save(tensors, shard)
     result = torchrun(2, "main.py", "--mode", "precision_single", "--model_path", str(copy), "--tp_size", "2")
     assert result.returncode != 0
     assert result.stderr.count("was cut from other weights") == 1 and "process_weights.py" in result.stderr
+
+
+def test_a_copy_of_a_checkpoint_with_its_parts_loads(split_ckpt, tmp_path):
+    subprocess.run(["cp", "-r", str(split_ckpt), str(tmp_path / "copy")], check=True)  # new modification times
+    result = torchrun(2, "main.py", "--mode", "precision_single", "--model_path", str(tmp_path / "copy"), "--tp_size",
+                      "2", MAX_SEQ_LEN="120")
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_process_weights_refuses_a_tp_size_that_does_not_divide(tiny_ckpt):

@@ -1,4 +1,8 @@
-"""Run under torchrun by the tensor-parallel tests: each rank saves its logits, greedy and sampled tokens."""
+"""Run under torchrun by the tensor-parallel tests: each rank saves its logits, greedy and sampled tokens.
+
+    tests/tp_worker.py MODEL_PATH TP_SIZE OUT_DIR ['{"quantize": "int4", ...}']   (extra from_pretrained arguments)
+"""
+import json
 import sys
 from pathlib import Path
 
@@ -9,12 +13,12 @@ from helpers import PROMPTS
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
 
-def main(model_path: str, tp_size: int, out_dir: str) -> None:
+def main(model_path: str, tp_size: int, out_dir: str, load_kwargs: dict) -> None:
     device = torch.device("cpu")
     tp_rank = collectives.init_tensor_parallel(tp_size, device)
     tokenizer = ChatGLM2Tokenizer.from_pretrained(model_path)
     model = ChatGLM2ForCausalLM.from_pretrained(model_path, device=device, dtype=torch.float32, tp_rank=tp_rank,
-                                                tp_size=tp_size)
+                                                tp_size=tp_size, **load_kwargs)
     batch = tokenizer(PROMPTS)
     result = {"logits": model(**batch), "greedy": model.generate(**batch, max_new_tokens=12),
               "sampled": model.generate(**batch, max_new_tokens=12, do_sample=True, top_p=0.9, temperature=1.5)}
@@ -23,4 +27,4 @@ def main(model_path: str, tp_size: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4]) if len(sys.argv) > 4 else {})

@@ -1,0 +1,91 @@
+"""The model's generation API (generate_stream, stream_chat) on the continuous-batching engine.
+
+Each row of a batch is a request of its own; all are admitted at once into a batch-sized engine, so the first
+step is one prefill of every row and each later step one decode step of every unfinished row: the seed's timing
+semantics. Under tensor parallel every rank calls these with the same arguments and gets the same tokens.
+"""
+import random
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from chatglm2 import collectives
+from chatglm2.engine import Engine, SamplingParams
+from chatglm2.errors import InputError
+from chatglm2.tokenizer import ChatGLM2Tokenizer
+
+
+def generate_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                    do_sample: bool, temperature: float, top_p: float, top_k: int, eos_token_id: int | None,
+                    pad_token_id: int | None, ignore_eos: bool, seed: int | None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [batch] per step; rows that finished get pad_token_id."""
+    batch, prompt_len = input_ids.shape
+    if prompt_len == 0:
+        raise InputError("the prompt is empty; give at least one token")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if not bool(mask.any(dim=-1).all()):
+        raise InputError("a prompt row is all padding; every row needs at least one token")
+    if prompt_len + max_new_tokens > model.max_seq_len:  # the padded width, as before the engine
+        raise InputError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds "
+                         f"MAX_SEQ_LEN={model.max_seq_len}; shorten it or export MAX_SEQ_LEN={prompt_len + max_new_tokens}")
+    pad_token_id = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    base_seed = collectives.broadcast_object(random.randrange(2 ** 62) if seed is None else seed) if do_sample else None
+    engine = Engine(model, batch)
+    requests = [engine.submit(row[keep.bool()].tolist(),
+                              SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                             temperature=temperature, top_p=top_p, top_k=top_k,
+                                             seed=None if base_seed is None else base_seed + i,
+                                             eos_token_id=eos_token_id, ignore_eos=ignore_eos))
+                for i, (row, keep) in enumerate(zip(input_ids.cpu(), mask.cpu()))]
+    for step in range(max_new_tokens):
+        if all(r.finished and len(r.tokens) <= step for r in requests):
+            return
+        engine.step()
+        yield torch.tensor([r.tokens[step] if len(r.tokens) > step else pad_token_id for r in requests])
+
+
+def stream_chat(model, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[tuple[str, str]] | None,
+                max_length: int, do_sample: bool, top_p: float, temperature: float, top_k: int,
+                seed: int | None) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """Yield (response so far, history + [(query, response)]) as THUDM's stream_chat does."""
+    history = list(history or [])
+    if not query.strip():
+        raise InputError("the message is empty; type something to ask")
+    input_ids = tokenizer(tokenizer.build_prompt(query, history))["input_ids"]
+    budget = min(max_length, model.max_seq_len) - input_ids.shape[1]
+    if budget < 1:
+        raise InputError(f"the conversation is {input_ids.shape[1]} tokens, which leaves no room under "
+                         f"max_length/MAX_SEQ_LEN={min(max_length, model.max_seq_len)}; clear the history or raise MAX_SEQ_LEN")
+    tokens = (int(token[0]) for token in model.generate_stream(input_ids, max_new_tokens=budget, do_sample=do_sample,
+                                                               top_p=top_p, temperature=temperature, top_k=top_k,
+                                                               seed=seed))
+    for response in response_texts(tokenizer, tokens, model.config.eos_token_id):
+        yield response, history + [(query, response)]
+
+
+def response_texts(tokenizer: ChatGLM2Tokenizer, tokens: Iterable[int], eos_token_id: int) -> Iterator[str]:
+    """The growing answer, stripped, after each new token up to EOS (skipping states that end in a split multi-byte
+    character), then the final one if it differs: what a chat page shows."""
+    ids, response = [], ""
+    for token in tokens:
+        if token == eos_token_id:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text and not text.endswith("\ufffd"):  # wait for the rest of a split multi-byte character
+            response = text.strip()
+            yield response
+    final = tokenizer.decode(ids).strip()
+    if final != response or not ids:
+        yield final
+
+
+def chat_history(system: str | None, pairs: list[tuple[str, str]], query: str) -> tuple[str, list[tuple[str, str]]]:
+    """(query, history) for build_prompt, with a system message glued before the first user turn as THUDM's
+    openai_api.py does (ChatGLM2 has no system role)."""
+    if system:
+        if pairs:
+            pairs = [(system + pairs[0][0], pairs[0][1])] + pairs[1:]
+        else:
+            query = system + query
+    return query, pairs
