@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--eos_scale", type=float, default=4.0)
+    parser.add_argument("--eos_scale", type=float, default=2.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         ckpt = checkpoint_that_stops(Path(work) / "ckpt", args.eos_scale)

@@ -11,8 +11,9 @@ server, streamed (SSE), to
   static-8        the server at --max_batch 8, fed as a static-batching server is: up to 8 waiting requests start
                   together and the next ones wait until all of them have finished
   engine-8/16     the server at --max_batch 8 / 16: continuous batching, a freed slot takes the next request at once
-Per run: output tokens/s (all output tokens / wall time from the first send to the last token), time to first token
-and time per output token (after the first) per request, p50 and p99. Results go to benchmarks/results/serving.{json,md,png}.
+Per run: output tokens/s (all output tokens / wall time from the first arrival to the last token), time to first token
+(from its arrival) and time per output token (after the first) per request, p50 and p99. Results go to
+benchmarks/results/serving.{json,md,png}.
 """
 import argparse
 import asyncio
@@ -52,11 +53,11 @@ def trace(args: argparse.Namespace, tokenizer: ChatGLM2Tokenizer) -> list[dict]:
     return requests
 
 
-async def send(client: httpx.AsyncClient, url: str, request: dict) -> dict:
-    """One streamed completion: (send, first token, last token) times and the number of output tokens."""
+async def send(client: httpx.AsyncClient, url: str, request: dict, arrived: float) -> dict:
+    """One streamed completion: (arrival, first token, last token) times and the number of output tokens; the time
+    to first token counts from the request's arrival, so time spent waiting for a static batch counts too."""
     body = {"model": "m", "prompt": request["prompt"], "max_tokens": request["max_tokens"], "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
-    sent = time.perf_counter()
     first = last = None
     tokens = 0
     async with client.stream("POST", url, json=body) as response:
@@ -67,10 +68,10 @@ async def send(client: httpx.AsyncClient, url: str, request: dict) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
+            elif chunk["choices"]:  # a chunk per token that shows text, and the last one with the finish reason
                 last = time.perf_counter()
                 first = first or last
-    return {"sent": sent, "first": first, "last": last, "tokens": tokens}
+    return {"arrived": arrived, "first": first, "last": last, "tokens": tokens}
 
 
 async def replay(url: str, requests: list[dict], poisson: bool, static_batch: int | None) -> tuple[list[dict], float]:
@@ -80,14 +81,16 @@ async def replay(url: str, requests: list[dict], poisson: bool, static_batch: in
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         start = time.perf_counter()
 
+        def arrival(request: dict) -> float:
+            return start + (request["arrival"] if poisson else 0.0)
+
         async def arrive(request: dict) -> dict:
-            if poisson:
-                await asyncio.sleep(max(0.0, start + request["arrival"] - time.perf_counter()))
+            await asyncio.sleep(max(0.0, arrival(request) - time.perf_counter()))
             return request
 
         if static_batch is None:
             async def one(request: dict) -> dict:
-                return await send(client, url, await arrive(request))
+                return await send(client, url, await arrive(request), arrival(request))
             results = await asyncio.gather(*(one(r) for r in requests))
         else:
             arrived: asyncio.Queue = asyncio.Queue()
@@ -98,7 +101,7 @@ async def replay(url: str, requests: list[dict], poisson: bool, static_batch: in
                 batch = [await arrived.get()]
                 while len(batch) < static_batch and not arrived.empty():
                     batch.append(arrived.get_nowait())
-                results += await asyncio.gather(*(send(client, url, r) for r in batch))
+                results += await asyncio.gather(*(send(client, url, r, arrival(r)) for r in batch))
         return results, time.perf_counter() - start
 
 
@@ -108,7 +111,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(results: list[dict], wall: float) -> dict:
-    ttft = [(r["first"] - r["sent"]) * 1000 for r in results]
+    ttft = [(r["first"] - r["arrived"]) * 1000 for r in results]
     tpot = [(r["last"] - r["first"]) * 1000 / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
     tokens = sum(r["tokens"] for r in results)
     return {"output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
@@ -188,6 +191,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--max_wait_quiet", type=float, default=120, help="seconds to wait for a quiet machine")
     parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help="run only these; the others' runs are kept from serving.json when its trace is this one")
     args = parser.parse_args()
     ensure_checkpoint(args)
     requests = trace(args, ChatGLM2Tokenizer.from_pretrained(args.model_path))
@@ -196,8 +201,14 @@ def main() -> None:
     report = {"checkpoint": Path(args.model_path).resolve().name, "requests": len(requests),
               "trace": {k: getattr(args, k) for k in ("prompt_min", "prompt_max", "output_min", "output_max", "rate",
                                                       "seed")}, "runs": {}}
+    previous = results_dir / "serving.json"
+    if previous.is_file():
+        earlier = json.loads(previous.read_text(encoding="utf-8"))
+        if all(earlier.get(key) == report[key] for key in ("checkpoint", "requests", "trace")):
+            report["runs"] = earlier["runs"]
     url = f"http://127.0.0.1:{args.port}/v1/completions"
-    for name, (max_batch, static_batch) in SETUPS.items():
+    for name in args.setups.split(","):
+        max_batch, static_batch = SETUPS[name]
         process = serve(args, max_batch, results_dir / f"serving-{name}.log")
         try:
             for kind, poisson in (("all at once", False), ("poisson", True)):
