@@ -129,6 +129,10 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int, default_
     parser.add_argument("--max_batch", type=positive_int, default=default_max_batch,
                         help=f"requests answered at once, each in its own KV-cache slot (default {default_max_batch}); "
                              f"the cache takes max_batch x MAX_SEQ_LEN x 28 KiB for ChatGLM2-6B in fp16")
+    parser.add_argument("--max_prefill_tokens", type=positive_int, default=None,
+                        help="prompt tokens one prefill takes at most (default: whole prompts); longer prompts go in "
+                             "chunks, taking turns with the decode steps of the answers already streaming, so a long "
+                             "prompt delays them by one chunk's time at most (e.g. 512 on a CPU)")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -157,7 +161,7 @@ def serve(args: argparse.Namespace, run_server: Callable[[Engine, ChatGLM2Tokeni
     if rank0:
         check_port_free(args.server_name, args.server_port)
     model, tokenizer = load_model_and_tokenizer(args)
-    engine = Engine(model, args.max_batch, tokenizer, max_waiting)
+    engine = Engine(model, args.max_batch, tokenizer, max_waiting, args.max_prefill_tokens)
     if not rank0:
         # Ctrl+C and torchrun's SIGTERM reach every rank; these leave when rank 0 says so, never mid-collective.
         ignore_stop_signals()

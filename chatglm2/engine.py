@@ -5,6 +5,10 @@ waiting requests into free slots (one prefill of their prompts) or runs one deco
 finished or cancelled request frees its slot at once, and the next waiting one takes it. A request's greedy answer
 does not depend on what else is running: each row attends only to its own cache row.
 
+With max_prefill_tokens, a prefill takes at most that many prompt tokens (a long prompt goes in chunks, each
+continuing its cache row), and while any request is decoding, prefills and decode steps take turns: a long prompt
+arriving delays the tokens of the others by one chunk's time at most, not by its whole prefill.
+
 Under tensor parallel, rank 0 schedules. Each iteration it broadcasts the plan (admissions with their prompt ids, or
 the decode rows with their tokens and positions, and the cancellations), every rank runs the same forward pass, and
 rank 0 broadcasts the sampled tokens and finished requests, so requests submitted on every rank (generate) end alike
@@ -58,6 +62,7 @@ class Request:
         self.on_update = on_update
         self.cancelled = threading.Event()
         self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens in the KV cache so far
         self.generator: torch.Generator | None = None
 
     def cancel(self) -> None:
@@ -67,6 +72,10 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled == len(self.prompt_ids)
 
     def stream(self) -> Iterator[int]:
         """The new token ids as they come (for a consumer in another thread than the engine's)."""
@@ -79,12 +88,27 @@ class Request:
             self.on_update()
 
 
+def decode_position(request: Request | None) -> int:
+    """Where a decode step writes a cache row's key: after its last token; for a free row 0; for a row whose prompt
+    is still being prefilled, the position its next chunk overwrites (a decode step writes every row it spans)."""
+    if request is None:
+        return 0
+    if not request.prefill_done:
+        return request.prefilled
+    return len(request.prompt_ids) + len(request.tokens) - 1
+
+
 class Engine:
-    def __init__(self, model, max_batch: int, tokenizer=None, max_waiting: int | None = None):
+    def __init__(self, model, max_batch: int, tokenizer=None, max_waiting: int | None = None,
+                 max_prefill_tokens: int | None = None):
         if max_batch < 1:
             raise InputError(f"the number of slots must be at least 1, got {max_batch}")
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise InputError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
         model.allocate_kv_cache(max_batch)
         self.model, self.max_batch, self.tokenizer, self.max_waiting = model, max_batch, tokenizer, max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        self.last_plan = "idle"
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.requests: dict[int, Request] = {}  # every unfinished request known on this rank
@@ -150,33 +174,57 @@ class Engine:
         return plan["kind"]
 
     def _plan(self) -> dict:
-        """Rank 0: drop cancelled requests, then admit waiting ones into free slots, else decode every active slot."""
+        """Rank 0: drop cancelled requests and admit waiting ones into free slots; then prefill the prompts not yet in
+        the cache (oldest first, up to max_prefill_tokens), unless the last iteration was a prefill and some request
+        is decoding; else decode every decoding slot."""
         with self.lock:
             cancelled = [r.id for r in [*self.waiting, *filter(None, self.slots)] if r.cancelled.is_set()]
             self.waiting = deque(r for r in self.waiting if not r.cancelled.is_set())
             self.slots = [None if r is not None and r.cancelled.is_set() else r for r in self.slots]
             free = [slot for slot, r in enumerate(self.slots) if r is None]
             admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-        if admitted:
-            for request, slot in zip(admitted, free):
-                request.slot, self.slots[slot] = slot, request
-                if request.params.do_sample:
-                    seed = random.randrange(2 ** 63) if request.params.seed is None else request.params.seed
-                    request.generator = torch.Generator(self.model.device).manual_seed(seed)
-            return {"kind": "prefill", "cancelled": cancelled, "rids": [r.id for r in admitted],
-                    "rows": [r.slot for r in admitted], "prompts": [r.prompt_ids for r in admitted]}
-        active = [slot for slot, r in enumerate(self.slots) if r is not None]
-        if not active:
+        for request, slot in zip(admitted, free):
+            request.slot, self.slots[slot] = slot, request
+            if request.params.do_sample:
+                seed = random.randrange(2 ** 63) if request.params.seed is None else request.params.seed
+                request.generator = torch.Generator(self.model.device).manual_seed(seed)
+        pending = sorted((r for r in self.slots if r is not None and not r.prefill_done), key=lambda r: r.id)
+        decoding = any(r is not None and r.prefill_done for r in self.slots)
+        if pending and not (decoding and self.last_plan == "prefill"):
+            self.last_plan = "prefill"
+            return self._prefill_plan(pending, cancelled)
+        occupied = [slot for slot, r in enumerate(self.slots) if r is not None]
+        if not decoding:
+            self.last_plan = "idle"
             return {"kind": "idle", "cancelled": cancelled}
-        rows = self.slots[:active[-1] + 1]
-        positions = [len(r.prompt_ids) + len(r.tokens) - 1 if r else 0 for r in rows]
-        return {"kind": "decode", "cancelled": cancelled, "rids": [r.id if r else None for r in rows],
-                "tokens": [r.tokens[-1] if r else 0 for r in rows], "positions": positions,
-                "uniform": all(rows) and len(set(positions)) == 1}
+        self.last_plan = "decode"
+        rows = self.slots[:occupied[-1] + 1]
+        ready = [r if r is not None and r.prefill_done else None for r in rows]
+        positions = [decode_position(r) for r in rows]
+        return {"kind": "decode", "cancelled": cancelled, "rids": [r.id if r else None for r in ready],
+                "tokens": [r.tokens[-1] if r else 0 for r in ready], "positions": positions,
+                "uniform": all(ready) and len(set(positions)) == 1}
+
+    def _prefill_plan(self, pending: list[Request], cancelled: list[int]) -> dict:
+        """The next chunk of each pending prompt, within max_prefill_tokens; only the rows whose prompt it completes
+        are sampled (their rid is set)."""
+        budget = self.max_prefill_tokens or sum(len(r.prompt_ids) for r in pending)
+        chunks = []
+        for request in pending:
+            if budget == 0:
+                break
+            take = min(len(request.prompt_ids) - request.prefilled, budget)
+            chunks.append((request, request.prefilled, take))
+            request.prefilled += take
+            budget -= take
+        return {"kind": "prefill", "cancelled": cancelled,
+                "rids": [r.id if r.prefill_done else None for r, _, _ in chunks],
+                "rows": [r.slot for r, _, _ in chunks], "starts": [start for _, start, _ in chunks],
+                "prompts": [r.prompt_ids[start:start + take] for r, start, take in chunks]}
 
     def _forward(self, plan: dict) -> torch.Tensor:
         if plan["kind"] == "prefill":
-            return self.model.prefill(plan["prompts"], plan["rows"])
+            return self.model.prefill(plan["prompts"], plan["rows"], plan["starts"])
         device = self.model.device
         tokens = torch.tensor(plan["tokens"], device=device)
         positions = torch.tensor(plan["positions"], device=device)

@@ -29,15 +29,19 @@ class Attend:
 
     Scoring and prefill (positions None): over the pass's own keys, limited by `mask` (bool [batch, 1, seq, seq],
     True = may attend) or causally when it is None; with `cache_rows` [batch] the keys and values are also written to
-    those rows of the KV cache at positions 0..seq-1. Decode (positions [batch], one token per row): row i's key and
-    value go to position positions[i] of cache row i (rows [batch] = 0..batch-1), and it attends over cache positions
-    0..key_len-1 of its row, limited by `mask` (bool [batch, 1, 1, key_len]), or all of them when mask is None.
+    those rows of the KV cache at positions 0..seq-1. A later chunk of prompts (cache_rows and positions [batch, seq]):
+    the tokens where `written` [batch, seq] is True go to their positions of their cache rows, and every query attends
+    over positions 0..key_len-1 of its row, limited by `mask` (bool [batch, 1, seq, key_len]). Decode (positions
+    [batch], one token per row): row i's key and value go to position positions[i] of cache row i (rows [batch] =
+    0..batch-1), and it attends over cache positions 0..key_len-1 of its row, limited by `mask` (bool [batch, 1, 1,
+    key_len]), or all of them when mask is None.
     """
     mask: torch.Tensor | None = None
     cache_rows: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     key_len: int = 0
+    written: torch.Tensor | None = None
 
 
 class SelfAttention(nn.Module):
@@ -60,7 +64,13 @@ class SelfAttention(nn.Module):
         qkv = self.query_key_value(x).view(batch, seq, heads + 2 * groups, self.head_dim)
         q, k = ops.apply_rotary(qkv[:, :, :heads + groups], cos, sin).split([heads, groups], dim=2)  # one rotation
         k, v = k.transpose(1, 2), qkv[:, :, heads + groups:].transpose(1, 2)
-        if attend.positions is not None:
+        if attend.positions is not None and attend.cache_rows is not None:
+            written, rows = attend.written, attend.cache_rows
+            cache_rows, positions = rows[:, None].expand_as(attend.positions)[written], attend.positions[written]
+            layer_cache[0, cache_rows, :, positions] = k.transpose(1, 2)[written]
+            layer_cache[1, cache_rows, :, positions] = v.transpose(1, 2)[written]
+            k, v = layer_cache[0, rows, :, :attend.key_len], layer_cache[1, rows, :, :attend.key_len]
+        elif attend.positions is not None:
             layer_cache[0, attend.rows, :, attend.positions] = k[:, :, 0]
             layer_cache[1, attend.rows, :, attend.positions] = v[:, :, 0]
             k, v = layer_cache[0, :batch, :, :attend.key_len], layer_cache[1, :batch, :, :attend.key_len]
@@ -228,17 +238,29 @@ class ChatGLM2ForCausalLM(nn.Module):
         return self.decode_step(tokens, positions, key_len, masked)
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], cache_rows: Sequence[int]) -> torch.Tensor:
+    def prefill(self, prompts: Sequence[Sequence[int]], cache_rows: Sequence[int],
+                starts: Sequence[int] | None = None) -> torch.Tensor:
         """Run the prompts (right-padded, causal, so padding never reaches a real token) and write their keys and
         values into `cache_rows` of the KV cache at positions 0..len-1; the logits [len(prompts), vocab] (fp32) of each
-        prompt's last token."""
+        prompt's last token. With `starts`, each prompt is a chunk that continues its row at position starts[i],
+        after the chunks before it (written by earlier calls), so a long prompt can be prefilled in pieces."""
+        device = self.device
         width = max(len(prompt) for prompt in prompts)
-        input_ids = torch.tensor([list(prompt) + [0] * (width - len(prompt)) for prompt in prompts], device=self.device)
-        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
-        rows = torch.tensor(list(cache_rows), device=self.device)
-        hidden = self.hidden_states(input_ids, positions, Attend(cache_rows=rows))
-        last = torch.tensor([len(prompt) - 1 for prompt in prompts], device=self.device)
-        return self.logits(hidden[torch.arange(len(prompts), device=self.device), last])
+        input_ids = torch.tensor([list(prompt) + [0] * (width - len(prompt)) for prompt in prompts], device=device)
+        offsets = torch.arange(width, device=device)
+        rows = torch.tensor(list(cache_rows), device=device)
+        lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+        if starts is None or not any(starts):
+            positions, attend = offsets.expand(len(prompts), width), Attend(cache_rows=rows)
+        else:
+            # a padding token takes its row's last real position: inside the rope table and the mask, and not written
+            positions = torch.minimum(offsets[None], lengths[:, None] - 1) + torch.tensor(list(starts), device=device)[:, None]
+            key_len = max(start + len(prompt) for start, prompt in zip(starts, prompts))
+            mask = (torch.arange(key_len, device=device)[None, None] <= positions[:, :, None])[:, None]
+            attend = Attend(mask=mask, cache_rows=rows, positions=positions, key_len=key_len,
+                            written=offsets[None] < lengths[:, None])
+        hidden = self.hidden_states(input_ids, positions, attend)
+        return self.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int, masked: bool) -> torch.Tensor:
         """One token for each of the first len(tokens) cache rows, at `positions`: the logits [rows, vocab] (fp32).

@@ -76,6 +76,48 @@ def test_eos_stop_strings_and_sampling_settings_per_request(model_and_tokenizer)
     assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
 
 
+def test_a_prompt_prefilled_in_chunks_equals_one_prefill(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    model.allocate_kv_cache(3)
+    long_ids, short_ids = (tokenizer.encode(tokenizer.build_prompt(p)) for p in PROMPTS[:2])
+    assert len(long_ids) > 12 and len(short_ids) > 5
+    whole = model.prefill([long_ids, short_ids], [0, 1])
+    cache = model.kv_cache.clone()
+    model.kv_cache.normal_()  # what earlier requests left in the rows: every position read must be rewritten
+    # other rows, chunks of different lengths in one call (so padded), a first chunk beside a continuation
+    model.prefill([long_ids[:5]], [2])
+    model.prefill([long_ids[5:12], short_ids[:3]], [2, 0], [5, 0])
+    last = model.prefill([long_ids[12:], short_ids[3:]], [2, 0], [12, 3])
+    torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.kv_cache[:, :, 2, :, :len(long_ids)], cache[:, :, 0, :, :len(long_ids)])
+    torch.testing.assert_close(model.kv_cache[:, :, 0, :, :len(short_ids)], cache[:, :, 1, :, :len(short_ids)])
+
+
+def test_chunked_prefill_takes_turns_with_decoding_and_changes_no_answer(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer.encode(tokenizer.build_prompt(p)) for p in PROMPTS + ["讲个笑话"]]
+    long_prompt = prompts[0] * 3
+    settings = [SamplingParams(max_new_tokens=n) for n in (20, 20, 6, 6, 6)]
+    expected = [alone(model, ids, params) for ids, params in zip([*prompts[:2], long_prompt, *prompts[2:]], settings)]
+    engine = Engine(model, 3, max_prefill_tokens=8)
+    requests = [engine.submit(ids, params) for ids, params in zip(prompts[:2], settings)]
+    while not all(r.tokens for r in requests):
+        engine.step()
+    requests.append(engine.submit(long_prompt, settings[2]))
+    before, kinds = [len(r.tokens) for r in requests[:2]], []
+    while not requests[2].tokens:
+        kinds.append(engine.step())
+    # the long prompt goes in chunks of 8 tokens, and the two answers get a token before each of them
+    chunks = -(-len(long_prompt) // 8)
+    assert kinds == ["decode", "prefill"] * chunks
+    assert [len(r.tokens) - count for r, count in zip(requests, before)] == [chunks] * 2
+    requests += [engine.submit(ids, params) for ids, params in zip(prompts[2:], settings[3:])]
+    run_until_done(engine, requests)
+    assert [r.tokens for r in requests] == expected
+    with pytest.raises(InputError, match="max_prefill_tokens must be at least 1"):
+        Engine(model, 1, max_prefill_tokens=0)
+
+
 def test_bad_requests_are_refused_and_the_queue_is_bounded(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, 1, max_waiting=2)

@@ -15,8 +15,8 @@ from helpers import free_port, kill_all, rank0_pid, start_server, stop, torchrun
 pytestmark = pytest.mark.slow  # every test here talks to a server process
 
 KEY = "test-key"
-# fp32 so that greedy answers are exactly reproducible; a small MAX_SEQ_LEN keeps "too long" cheap.
-SERVER = ["--dtype", "fp32", "--max_batch", "4", "--api_key", KEY, "--max_waiting", "32"]
+# fp32 so that greedy answers are exactly reproducible; prompts longer than 16 tokens are prefilled in chunks.
+SERVER = ["--dtype", "fp32", "--max_batch", "4", "--api_key", KEY, "--max_waiting", "32", "--max_prefill_tokens", "16"]
 
 
 def server_command(model_path, port: int, *extra: str) -> list[str]:
