@@ -71,6 +71,13 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     raise InputError(f"no weights in {path}: expected {' or '.join(INDEX_FILES + SINGLE_FILES)}")
 
 
+def check_shape(name: str, source: Path, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """A checkpoint tensor must have the shape the model built from config.json gives it."""
+    if tuple(tensor.shape) != tuple(expected):
+        raise InputError(f"{name} in {source} has shape {tuple(tensor.shape)} but config.json implies "
+                         f"{tuple(expected)}; the weights and config.json do not belong together")
+
+
 def tensor_names(file: Path) -> list[str]:
     if file.suffix == ".safetensors":
         with open_safetensors(file) as f:

@@ -52,15 +52,21 @@ def stream_chat(model, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequen
     if not query.strip():
         raise InputError("the message is empty; type something to ask")
     input_ids = tokenizer(tokenizer.build_prompt(query, history))["input_ids"]
-    budget = min(max_length, model.max_seq_len) - input_ids.shape[1]
-    if budget < 1:
-        raise InputError(f"the conversation is {input_ids.shape[1]} tokens, which leaves no room under "
-                         f"max_length/MAX_SEQ_LEN={min(max_length, model.max_seq_len)}; clear the history or raise MAX_SEQ_LEN")
+    budget = answer_budget(input_ids.shape[1], max_length, model.max_seq_len)
     tokens = (int(token[0]) for token in model.generate_stream(input_ids, max_new_tokens=budget, do_sample=do_sample,
                                                                top_p=top_p, temperature=temperature, top_k=top_k,
                                                                seed=seed))
     for response in response_texts(tokenizer, tokens, model.config.eos_token_id):
         yield response, history + [(query, response)]
+
+
+def answer_budget(prompt_len: int, max_length: int, max_seq_len: int) -> int:
+    """New tokens a chat turn may have: max_length counts prompt and answer together and is capped at MAX_SEQ_LEN."""
+    limit = min(max_length, max_seq_len)
+    if limit - prompt_len < 1:
+        raise InputError(f"the conversation is {prompt_len} tokens, which leaves no room under "
+                         f"max_length/MAX_SEQ_LEN={limit}; clear the history or raise MAX_SEQ_LEN")
+    return limit - prompt_len
 
 
 def response_texts(tokenizer: ChatGLM2Tokenizer, tokens: Iterable[int], eos_token_id: int) -> Iterator[str]:

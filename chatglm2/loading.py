@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from chatglm2 import ops, settings
-from chatglm2.checkpoint import iter_tensors, read_config, weight_files
+from chatglm2.checkpoint import check_shape, iter_tensors, read_config, weight_files
 from chatglm2.compiled import compile_enabled
 from chatglm2.config import ChatGLM2Config
 from chatglm2.device import default_dtype, select_device
@@ -64,12 +64,12 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     check_memory(model, config, tp_size, max_seq_len, device, dtype)
     load_float_weights(model, weights_dir, device, dtype, set(quant_layers), show_progress,
                        WeightOnlyLoader(model, weight_only, device, dtype))
+    model.compile = compile_enabled(compile, device)
     if quant_path:
         load_quant_weights(model, config, quant_path, tp_rank, tp_size, compress_path, device, dtype,
-                           pack=not compile_enabled(compile, device))
+                           pack=not model.compile)
     model.rope_cos, model.rope_sin = ops.rotary_tables(max_seq_len, config.kv_channels // 2,
                                                        10000.0 * config.rope_ratio, device)
-    model.compile = compile_enabled(compile, device)
     if not model.compile:  # inductor compiles plain linears; oneDNN's prepacked weights are opaque to it
         ops.pack_linears(model)  # last: only plain float nn.Linear layers are repacked
     return model.eval()
@@ -120,9 +120,7 @@ def load_float_weights(model: nn.Module, weights_dir: Path, device: torch.device
             continue
         if name not in expected:
             raise InputError(f"{weights_dir} holds tensor {name}, which ChatGLM2 does not have; is this another model?")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise InputError(f"{name} in {weights_dir} has shape {tuple(tensor.shape)} but config.json implies "
-                             f"{tuple(expected[name].shape)}; the weights and config.json do not belong together")
+        check_shape(name, weights_dir, tensor, expected[name].shape)
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr,
                 nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))

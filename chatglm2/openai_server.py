@@ -111,13 +111,11 @@ class OpenAIServer:
         try:
             for p in params:
                 requests.append(self.engine.submit(prompt_ids, p, lambda: loop.call_soon_threadsafe(wake.set)))
-        except EngineFull:
-            for request in requests:
+        except (EngineFull, InputError) as error:
+            for request in requests:  # the choices already queued
                 request.cancel()
-            raise ApiError(503, "the server is busy: its waiting queue is full; retry shortly", "server_error")
-        except InputError as error:
-            for request in requests:
-                request.cancel()
+            if isinstance(error, EngineFull):
+                raise ApiError(503, "the server is busy: its waiting queue is full; retry shortly", "server_error")
             raise ApiError(400, str(error)) from None
         return requests
 

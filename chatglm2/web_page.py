@@ -11,7 +11,7 @@ import gradio as gr
 
 from chatglm2.engine import Engine, EngineFull, SamplingParams
 from chatglm2.errors import InputError
-from chatglm2.generation import response_texts
+from chatglm2.generation import answer_budget, response_texts
 
 Messages = list[dict]
 History = list[tuple[str, str]]
@@ -28,13 +28,10 @@ def build_page(engine: Engine, tokenizer, title: str) -> gr.Blocks:
             return
         chatbot = chatbot + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         prompt_ids = tokenizer.encode(tokenizer.build_prompt(query, history))
-        limit = min(int(max_length), model.max_seq_len)
         try:
-            if limit - len(prompt_ids) < 1:
-                raise InputError(f"the conversation is {len(prompt_ids)} tokens, which leaves no room under "
-                                 f"max_length/MAX_SEQ_LEN={limit}; clear the history or raise MAX_SEQ_LEN")
-            request = engine.submit(prompt_ids, SamplingParams(max_new_tokens=limit - len(prompt_ids), do_sample=True,
-                                                               top_p=top_p, temperature=temperature))
+            budget = answer_budget(len(prompt_ids), int(max_length), model.max_seq_len)
+            request = engine.submit(prompt_ids, SamplingParams(max_new_tokens=budget, do_sample=True, top_p=top_p,
+                                                               temperature=temperature))
         except (InputError, EngineFull) as error:
             chatbot[-1] = {"role": "assistant", "content": f"**Error:** {error}"}
             yield chatbot, history

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from chatglm2.checkpoint import iter_shards, read_config, weight_files, write_checkpoint
+from chatglm2.checkpoint import check_shape, iter_shards, read_config, weight_files, write_checkpoint
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
 from chatglm2.weight_only_linear import GROUP_SIZES, WeightOnlyLinear
@@ -242,9 +242,7 @@ class WeightOnlyLoader:
         module, _, attr = name.rpartition(".")
         if module in self.norm_users:
             norm = self.model.get_submodule(module)
-            if tuple(tensor.shape) != tuple(norm.weight.shape):
-                raise InputError(f"{name} in {source} has shape {tuple(tensor.shape)} but config.json implies "
-                                 f"{tuple(norm.weight.shape)}; the weights and config.json do not belong together")
+            check_shape(name, source, tensor, norm.weight.shape)
             norm.weight = nn.Parameter(torch.ones(norm.weight.shape, dtype=self.dtype, device=self.device),
                                        requires_grad=False)
             self.norms[module] = tensor.to(device=self.device, dtype=torch.float32)
@@ -264,9 +262,7 @@ class WeightOnlyLoader:
             if attr != "weight" or not tensor.is_floating_point():
                 raise InputError(f"{name} in {source} is {tensor.dtype}, not a float weight; is config.json's "
                                  f"quantization_bit missing?")
-        if tuple(tensor.shape) != shapes[attr]:
-            raise InputError(f"{name} in {source} has shape {tuple(tensor.shape)} but config.json implies "
-                             f"{shapes[attr]}; the weights and config.json do not belong together")
+        check_shape(name, source, tensor, shapes[attr])
         self.pending.setdefault(module, {})[attr] = tensor
         self.load_when_complete(module)
 
