@@ -11,10 +11,12 @@ tokenizer corpus, evaluation on others (a few hundred tokens): cosine similarity
 float's and top-1 agreement, both in fp32 so that only quantization differs. The sparse rows (export --sparse, then
 generate_compress_weight.py and ENABLE_SPARSE=1) also give the compressed size over the dense int8 size. Random
 weights have no redundancy to prune, so they show the cost of pruning at its worst, not what a trained model loses.
-Weight-only rows: --quantize int8 / int4 as loaded (norm weights folded into the layers they feed), THUDM's int8 /
-int4 checkpoints written from the same weights, and, as what a peer computes on these weights, chatglm.cpp's Q8_0 /
-Q4_0 rounding (its converter's formulas, dequantized into a float model here, not run through chatglm.cpp), and our
-int8 / int4 rounding without the norm folding. The FFN width is a multiple of 128 so that int4 groups of 128 fit.
+Weight-only rows: --quantize int8 / int4 as loaded (norm weights folded into the layers they feed; with
+--quantize_activations int8 the int8 layers also round each input row to 8 bits), THUDM's int8 / int4 checkpoints
+written from the same weights (no folding: their layers meet the outliers), and, as what a peer computes on these
+weights, chatglm.cpp's Q8_0 / Q4_0 rounding (its converter's formulas, dequantized into a float model here, not run
+through chatglm.cpp), and our int8 / int4 rounding without the norm folding. The FFN width is a multiple of 128 so
+that int4 groups of 128 fit.
 Results go to benchmarks/results/.
 """
 import argparse
@@ -124,15 +126,21 @@ def weight_only_rows(ckpt: Path, work: Path, prompts: list[torch.Tensor], refere
         return compare(reference, logits(model, prompts).float())
 
     rows = {"weight-only int8": loaded(ckpt, quantize="int8"),
+            "weight-only int8, int8 activations": loaded(ckpt, quantize="int8", quantize_activations="int8"),
             "weight-only int8, output_layer float": loaded(ckpt, quantize="int8", quantize_output_layer=None)}
     for group in (128, 64, 32):
         rows[f"weight-only int4 g{group}"] = loaded(ckpt, quantize="int4", group_size=group)
     rows["weight-only int4 g128, output_layer int8"] = loaded(ckpt, quantize="int4", quantize_output_layer="int8")
+    mixed = dict(quantize="int4", quantize_attention="int8", quantize_output_layer="int8")
+    rows["weight-only int4 g128, attention and output_layer int8"] = loaded(ckpt, **mixed)
+    rows["weight-only int4 g128, attention and output_layer int8, int8 activations"] = loaded(
+        ckpt, quantize_activations="int8", **mixed)
     rows["weight-only int4 g128, output_layer float"] = loaded(ckpt, quantize="int4", quantize_output_layer=None)
     rows["weight-only int4 g128, bf16 activations"] = loaded(ckpt, torch.bfloat16, quantize="int4")
     for bits in (8, 4):
         thudm = write_thudm_checkpoint(ckpt, work / f"thudm_int{bits}", bits)
         rows[f"THUDM int{bits} checkpoint (per row)"] = loaded(thudm)
+    rows["THUDM int8 checkpoint, int8 activations"] = loaded(work / "thudm_int8", quantize_activations="int8")
     ablations = {"chatglm.cpp Q8_0 rounding": q8_0, "chatglm.cpp Q4_0 rounding": q4_0,
                  "int8 without norm folding": lambda w: dequantize(*quantize_int8(w, torch.float32, cpu), 8, w.dtype),
                  "int4 g128 without norm folding":

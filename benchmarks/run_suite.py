@@ -9,7 +9,10 @@ Engines, each timed in its own process (so each peak RSS is its own), sequential
   ours                 this project (default dtype: bf16 on a CPU with native bf16, fp16 on GPU)
   ours-w8a8            W8A8 (ENABLE_QUANT; layer 0 and output_layer float)
   ours-int8, ours-int4 weight-only, quantized at load (--quantize; int4 in groups of 128; output_layer likewise)
-  ours-int4-out8       int4 with output_layer int8 (--quantize_output_layer int8: more accurate, slower)
+  ours-int8-a8         int8 whose layers also round activation rows to 8 bits (--quantize_activations int8: fbgemm)
+  ours-int4-out8       int4 with output_layer int8 (--quantize_output_layer int8: more accurate)
+  ours-int4-mixed      int4 with the attention layers and output_layer int8 (--quantize_attention int8
+                       --quantize_output_layer int8: more accurate still, more bytes)
   transformers-*       transformers' GlmForCausalLM (same math), bf16 / fp32 on CPU, fp16 on GPU
   chatglm.cpp-*        chatglm.cpp 0.4.2 (C++/ggml) converted from the same checkpoint: F16, Q8_0, Q4_0; batch 1 only
   floor                bytes of weights one decode step must read / this machine's read bandwidth, measured now
@@ -48,8 +51,10 @@ ENGINES = {
     "ours": ("torch", "ours", "auto"),
     "ours-w8a8": ("torch", "ours", "w8a8"),
     "ours-int8": ("torch", "ours", "int8"),
+    "ours-int8-a8": ("torch", "ours", "int8+a8"),
     "ours-int4": ("torch", "ours", "int4"),
     "ours-int4-out8": ("torch", "ours", "int4+out8"),
+    "ours-int4-mixed": ("torch", "ours", "int4+attn8+out8"),
     "transformers-bf16": ("torch", "transformers", "bf16"),
     "transformers-fp32": ("torch", "transformers", "fp32"),
     "transformers-fp16": ("torch", "transformers", "fp16"),
@@ -58,18 +63,21 @@ ENGINES = {
     "chatglm.cpp-q4_0": ("cpp", "q4_0", "q4_0"),
 }
 DEFAULT_ENGINES = {
-    "cpu": "ours,ours-w8a8,ours-int8,ours-int4,transformers-bf16,transformers-fp32,chatglm.cpp-f16,chatglm.cpp-q8_0,"
+    "cpu": "ours,ours-w8a8,ours-int8,ours-int8-a8,ours-int4,transformers-bf16,transformers-fp32,chatglm.cpp-f16,chatglm.cpp-q8_0,"
            "chatglm.cpp-q4_0",
     "cuda": "ours,ours-int8,ours-int4,transformers-fp16",
 }
 # Bytes per weight as stored: ggml's Q8_0 keeps 32 int8 plus one fp16 scale per block, Q4_0 32 nibbles plus a scale;
-# our int4 keeps 128 nibbles plus a 16-bit scale and zero per group.
-BYTES_PER_WEIGHT = {"w8a8": 1.0, "int8": 1.0, "int4": 68 / 128, "int4+out8": 68 / 128, "bf16": 2.0, "fp16": 2.0,
-                    "f16": 2.0, "fp32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# our int4 keeps 128 nibbles plus a 16-bit scale and zero per group (its mixes are shown against the int4 floor).
+BYTES_PER_WEIGHT = {"w8a8": 1.0, "int8": 1.0, "int8+a8": 1.0, "int4": 68 / 128, "int4+out8": 68 / 128, "int4+attn8+out8": 68 / 128,
+                    "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "fp32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 FLOOR_LABELS = {1.0: "int8", 68 / 128: "int4 g128", 2.0: "16-bit", 4.0: "fp32", 34 / 32: "Q8_0", 18 / 32: "Q4_0"}
 # weight-only formats -> torch_worker flags
-WEIGHT_ONLY = {"int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"],
-               "int4+out8": ["--quantize", "int4", "--quantize_output_layer", "int8"]}
+WEIGHT_ONLY = {"int8": ["--quantize", "int8"], "int8+a8": ["--quantize", "int8", "--quantize_activations", "int8"],
+               "int4": ["--quantize", "int4"],
+               "int4+out8": ["--quantize", "int4", "--quantize_output_layer", "int8"],
+               "int4+attn8+out8": ["--quantize", "int4", "--quantize_attention", "int8", "--quantize_output_layer",
+                                   "int8"]}
 DEFAULT_PEER_PYTHON = Path.home() / ".cache/chatglm2-bench/chatglm-cpp-venv/bin/python"
 
 

@@ -33,7 +33,9 @@ def load_ours(model_path: str, device: torch.device, dtype: torch.dtype, max_seq
 
     model = ChatGLM2ForCausalLM.from_pretrained(model_path, device=device, dtype=dtype, max_seq_len=max_seq_len,
                                                 quantize=args.quantize, group_size=args.group_size,
-                                                quantize_output_layer=args.quantize_output_layer)
+                                                quantize_output_layer=args.quantize_output_layer,
+                                                quantize_attention=args.quantize_attention,
+                                                quantize_activations=args.quantize_activations)
 
     def run(input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
         times = time_generation(model, input_ids, new_tokens)
@@ -88,6 +90,10 @@ def main() -> None:
     parser.add_argument("--group_size", type=int, default=128, help="ours: int4 group size")
     parser.add_argument("--quantize_output_layer", choices=("auto", "int8", "int4"), default="auto",
                         help="ours with --quantize: output_layer's format (auto: as --quantize)")
+    parser.add_argument("--quantize_attention", choices=("auto", "int8", "int4"), default="auto",
+                        help="ours with --quantize: query_key_value and self_attention.dense (auto: as --quantize)")
+    parser.add_argument("--quantize_activations", choices=("int8",), default=None,
+                        help="ours with int8 layers: round their activation rows to 8 bits (fbgemm on x86)")
     args = parser.parse_args()
     if args.quantize and args.engine != "ours":
         parser.error("--quantize applies to --engine ours only")

@@ -67,6 +67,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize_output_layer", default="auto", choices=("auto",) + QUANTIZE_CHOICES + ("none",),
                         help="output_layer of a weight-only model: auto (as the other layers, the fastest), int8 (more "
                              "accurate under int4), or none (float)")
+    parser.add_argument("--quantize_attention", default="auto", choices=("auto",) + QUANTIZE_CHOICES,
+                        help="query_key_value and self_attention.dense under --quantize: auto (as the other layers) or "
+                             "int8 (more accurate under int4, more bytes)")
+    parser.add_argument("--quantize_activations", default="none", choices=("none", "int8"),
+                        help="int8: int8 layers round each activation row to 8 bits at run time (fbgemm's integer "
+                             "GEMM on x86 CPUs: faster, a little less accurate)")
 
 
 def model_class(model_file: str) -> type:
@@ -102,7 +108,9 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     model = model_class(args.model_file).from_pretrained(
         args.model_path, device=device, dtype=DTYPES[args.dtype], tp_rank=tp_rank, tp_size=args.tp_size,
         show_progress=tp_rank == 0, compile=args.compile, quantize=args.quantize, group_size=args.group_size,
-        quantize_output_layer=None if args.quantize_output_layer == "none" else args.quantize_output_layer)
+        quantize_output_layer=None if args.quantize_output_layer == "none" else args.quantize_output_layer,
+        quantize_attention=args.quantize_attention,
+        quantize_activations=None if args.quantize_activations == "none" else args.quantize_activations)
     if tp_rank == 0:
         print(f"loaded {args.model_path} on {device} ({str(model.dtype).removeprefix('torch.')}{describe(model)}, "
               f"tp_size {args.tp_size}, MAX_SEQ_LEN {model.max_seq_len})", flush=True)

@@ -34,10 +34,12 @@ ROPE_BYTES_PER_POSITION = 2 * 4  # the cos and sin tables hold fp32 values, kv_c
 def load_pretrained(cls: type, path: str | Path, device: str | torch.device | None, dtype: torch.dtype | None,
                     tp_rank: int, tp_size: int, max_seq_len: int | None, quant_path: str | Path | None,
                     compress_path: str | Path | None, show_progress: bool, quantize: str | None = None,
-                    group_size: int = 128, quantize_output_layer: str | None = "auto", compile: str = "auto") -> nn.Module:
+                    group_size: int = 128, quantize_output_layer: str | None = "auto", compile: str = "auto",
+                    quantize_attention: str = "auto", quantize_activations: str | None = None) -> nn.Module:
     """ChatGLM2ForCausalLM.from_pretrained: every input checked (and the memory estimated) before the long load.
-    quantize ("int8", "int4"), group_size and quantize_output_layer ("auto", "int8", "int4", None): weight-only quantization
-    at load (weight_only.py); a THUDM quantized checkpoint loads as weight-only without quantize."""
+    quantize ("int8", "int4"), group_size, quantize_output_layer ("auto", "int8", "int4", None), quantize_attention
+    ("auto", "int8", "int4") and quantize_activations ("int8", None): weight-only quantization at load
+    (weight_only.py); a THUDM quantized checkpoint loads as weight-only without quantize."""
     if not isinstance(device, torch.device):
         device = select_device(device or "auto", tp_rank)
     dtype = dtype or default_dtype(device)
@@ -46,7 +48,8 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     quant_path = Path(quant_path) if quant_path else settings.quant_path()
     config = ChatGLM2Config.from_dict(read_config(path))
     check_tp_config(config, tp_size)
-    weight_only = plan_layers(config, quantize, group_size, quantize_output_layer, w8a8=quant_path is not None)
+    weight_only = plan_layers(config, quantize, group_size, quantize_output_layer, w8a8=quant_path is not None,
+                              quantize_attention=quantize_attention, quantize_activations=quantize_activations)
     if compress_path and not quant_path:
         raise InputError("sparse weights (COMPRESS_WEIGHT_PATH) need their W8A8 parts too: pass quant_path "
                          "(QUANT_WEIGHT_PATH)")
@@ -62,9 +65,9 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
         use_quant_layers(model, quant_layers)
         use_weight_only_layers(model, weight_only, dtype)
     check_memory(model, config, tp_size, max_seq_len, device, dtype)
-    load_float_weights(model, weights_dir, device, dtype, set(quant_layers), show_progress,
-                       WeightOnlyLoader(model, weight_only, device, dtype))
     model.compile = compile_enabled(compile, device)
+    load_float_weights(model, weights_dir, device, dtype, set(quant_layers), show_progress,
+                       WeightOnlyLoader(model, weight_only, device, dtype, traceable=model.compile))
     if quant_path:
         load_quant_weights(model, config, quant_path, tp_rank, tp_size, compress_path, device, dtype,
                            pack=not model.compile)

@@ -161,7 +161,9 @@ class ChatGLM2ForCausalLM(nn.Module):
                         tp_rank: int = 0, tp_size: int = 1, max_seq_len: int | None = None,
                         quant_path: str | Path | None = None, compress_path: str | Path | None = None,
                         show_progress: bool = False, compile: str = "auto", quantize: str | None = None,
-                        group_size: int = 128, quantize_output_layer: str | None = "auto") -> "ChatGLM2ForCausalLM":
+                        group_size: int = 128, quantize_output_layer: str | None = "auto",
+                        quantize_attention: str = "auto",
+                        quantize_activations: str | None = None) -> "ChatGLM2ForCausalLM":
         """Load a checkpoint directory (HF layout); with tp_size > 1, this rank's part from process_weights.py.
 
         device: "auto" / "npu" / "cuda" / "cpu" / a torch.device (default: auto, using device index tp_rank);
@@ -173,11 +175,15 @@ class ChatGLM2ForCausalLM(nn.Module):
         quantize: "int8" / "int4" quantizes the four encoder linears of every layer as they load (weight-only; int4 in
         groups of group_size input columns); a THUDM quantized checkpoint ("quantization_bit" in config.json) loads
         as weight-only by itself. quantize_output_layer: what output_layer becomes in a weight-only model ("auto": the
-        same format as the other layers; "int8", "int4", or None for float). See weight_only.py.
+        same format as the other layers; "int8", "int4", or None for float); quantize_attention: the same for
+        query_key_value and self_attention.dense under quantize ("int8" with int4: more accurate, more bytes);
+        quantize_activations="int8": int8 layers round each input row to 8 bits at run time (fbgemm's integer GEMM on
+        x86 CPUs: faster, a little less accurate). See weight_only.py and weight_only_linear.py.
         """
         return load_pretrained(cls, path, device, dtype, tp_rank, tp_size, max_seq_len, quant_path, compress_path,
                                show_progress, compile=compile, quantize=quantize, group_size=group_size,
-                               quantize_output_layer=quantize_output_layer)
+                               quantize_output_layer=quantize_output_layer, quantize_attention=quantize_attention,
+                               quantize_activations=quantize_activations)
 
     @property
     def device(self) -> torch.device:

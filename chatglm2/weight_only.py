@@ -3,7 +3,8 @@ quantized checkpoints (chatglm2-6b-int4 / int8), read and written.
 
 Two sources, one stored format (see weight_only_linear.py):
   --quantize int8|int4 on a float checkpoint: the four encoder linears of every layer (and output_layer, as
-      quantize_output_layer says) are quantized tensor by tensor as they stream in; int8 per output row
+      quantize_output_layer says, and the attention layers in the format quantize_attention says) are quantized
+      tensor by tensor as they stream in; int8 per output row
       (symmetric), int4 per group of `group_size` input columns with a scale and an integer zero point; the norm
       that feeds a layer is folded into it first (FOLDED_NORMS).
   THUDM's checkpoints ("quantization_bit": 4 or 8 in config.json): the four encoder linears hold `weight` int8 and
@@ -25,6 +26,7 @@ import torch.nn as nn
 from chatglm2.checkpoint import check_shape, iter_shards, read_config, weight_files, write_checkpoint
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
+from chatglm2.tensor_parallel import ROW_PARALLEL
 from chatglm2.weight_only_linear import GROUP_SIZES, WeightOnlyLinear
 
 QUANTIZE_CHOICES = ("int8", "int4")
@@ -159,6 +161,7 @@ class LayerSpec:
     group_size: int
     thudm: bool  # from THUDM's int8 weight + weight_scale, else quantized from the float weight at load
     norm: str | None = None  # the RMSNorm that feeds only this layer, folded into it before quantizing
+    quantize_activations: bool = False  # int8: input rows rounded to 8 bits at run time (weight_only_linear.py)
 
 
 # The RMSNorm in front of each layer that reads only it. Its weight is folded into the layer's input columns before
@@ -168,14 +171,23 @@ FOLDED_NORMS = {"self_attention.query_key_value": "input_layernorm", "mlp.dense_
 
 
 def plan_layers(config: ChatGLM2Config, quantize: str | None, group_size: int, quantize_output_layer: str | None,
-                w8a8: bool) -> dict[str, LayerSpec]:
+                w8a8: bool, quantize_attention: str = "auto",
+                quantize_activations: str | None = None) -> dict[str, LayerSpec]:
     """Module name -> how it is loaded, for every weight-only layer; the combinations that cannot work are refused.
     quantize_output_layer applies to weight-only models only: "auto" (the format of the other layers), "int8", "int4"
-    or None (float)."""
+    or None (float); quantize_attention ("auto", "int8", "int4") to query_key_value and self_attention.dense of a
+    float checkpoint quantized at load; quantize_activations ("int8" or None) to every int8 layer."""
+    if quantize_activations not in (None, "int8"):
+        raise InputError(f"unknown quantize_activations={quantize_activations!r}; use int8 (or None)")
     for value, what, allowed in ((quantize, "quantize", QUANTIZE_CHOICES),
-                                 (quantize_output_layer, "quantize_output_layer", ("auto",) + QUANTIZE_CHOICES)):
+                                 (quantize_output_layer, "quantize_output_layer", ("auto",) + QUANTIZE_CHOICES),
+                                 (quantize_attention, "quantize_attention", ("auto",) + QUANTIZE_CHOICES)):
         if value is not None and value not in allowed:
             raise InputError(f"unknown {what}={value!r}; use one of {', '.join(allowed)} (or None)")
+    if quantize_attention not in ("auto", None) and (config.quantization_bit or not quantize):
+        raise InputError(f"quantize_attention={quantize_attention} chooses the format of attention layers that "
+                         f"--quantize makes from a float checkpoint; "
+                         f"{'THUDM checkpoints hold theirs already' if config.quantization_bit else 'add --quantize'}")
     if group_size not in GROUP_SIZES:
         raise InputError(f"int4 group size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     if w8a8 and (quantize or config.quantization_bit):
@@ -190,15 +202,24 @@ def plan_layers(config: ChatGLM2Config, quantize: str | None, group_size: int, q
     if not bits:
         return {}
     thudm = bool(config.quantization_bit)
+    attention_bits = bits if quantize_attention in ("auto", None) else BITS[quantize_attention]
     specs = {}
     for i in range(config.num_layers):
         prefix = f"transformer.encoder.layers.{i}."
         for name in ENCODER_LINEARS:
             norm = None if thudm or name not in FOLDED_NORMS else prefix + FOLDED_NORMS[name]
-            specs[prefix + name] = LayerSpec(bits, group_size, thudm, norm)
+            layer_bits = attention_bits if name.startswith("self_attention.") else bits
+            specs[prefix + name] = LayerSpec(layer_bits, group_size, thudm, norm)
     if quantize_output_layer:
         head_bits = bits if quantize_output_layer == "auto" else BITS[quantize_output_layer]
         specs[OUTPUT_LAYER] = LayerSpec(head_bits, group_size, False, FINAL_NORM)
+    if quantize_activations:
+        if not any(spec.bits == 8 for spec in specs.values()):
+            raise InputError("quantize_activations=int8 rounds the activations of int8 layers and this model has "
+                             "none; use it with --quantize int8, --quantize_attention int8 or "
+                             "--quantize_output_layer int8")
+        for spec in specs.values():
+            spec.quantize_activations = spec.bits == 8
     return specs
 
 
@@ -213,9 +234,11 @@ def use_weight_only_layers(model: nn.Module, specs: dict[str, LayerSpec], dtype:
             raise InputError(f"int4 group size {group_size} does not divide the {in_features} input columns of {name}"
                              f"{' on each tensor-parallel rank' if model.tp_size > 1 else ''}; use --group_size "
                              f"{' or '.join(fits) if fits else '... none fits: use int8'}")
+        layer = WeightOnlyLinear(in_features, out_features, spec.bits, group_size, linear.bias is not None, dtype)
+        layer.quantize_activations = spec.quantize_activations
+        layer.input_split = model.tp_size > 1 and f"{name}.weight".endswith(ROW_PARALLEL)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, WeightOnlyLinear(in_features, out_features, spec.bits, group_size,
-                                                                     linear.bias is not None, dtype))
+        setattr(model.get_submodule(parent), child, layer)
 
 
 class WeightOnlyLoader:
@@ -224,10 +247,11 @@ class WeightOnlyLoader:
     (in THUDM's .bin shards the norm comes first; safetensors sorts post_attention_layernorm after the MLP, so
     dense_h_to_4h waits a few tensors for it); THUDM's weight and weight_scale, which may sit in different shards, wait
     for each other. Quantizing runs on the device the model runs on, a slice of rows at a time. Biases are ordinary
-    float parameters, loaded elsewhere."""
+    float parameters, loaded elsewhere. traceable: the layers must take kernels that torch.compile can trace."""
 
-    def __init__(self, model: nn.Module, specs: dict[str, LayerSpec], device: torch.device, dtype: torch.dtype):
-        self.model, self.specs, self.device, self.dtype = model, specs, device, dtype
+    def __init__(self, model: nn.Module, specs: dict[str, LayerSpec], device: torch.device, dtype: torch.dtype,
+                 traceable: bool = False):
+        self.model, self.specs, self.device, self.dtype, self.traceable = model, specs, device, dtype, traceable
         self.norm_users = {spec.norm: name for name, spec in specs.items() if spec.norm}
         self.norms: dict[str, torch.Tensor] = {}  # folded norm weights seen so far, fp32
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -281,7 +305,7 @@ class WeightOnlyLoader:
         if not spec.thudm:
             release_memory(parts["weight"])  # before the kernel's repacking needs its own temporaries
         del self.pending[module], parts
-        layer.load(*stored)
+        layer.load(*stored, traceable=self.traceable)
         self.norms.pop(spec.norm, None)
         self.loaded.add(module)
 
@@ -297,11 +321,15 @@ class WeightOnlyLoader:
 
 
 def describe(model: nn.Module) -> str:
-    """", int4 weight-only (group 128), output_layer int8" for a weight-only model; "" for any other."""
-    layers = [module for module in model.modules() if isinstance(module, WeightOnlyLinear)]
-    if not layers:
+    """", int4 weight-only (group 128), attention int8, output_layer int8" for a weight-only model (attention only
+    where it differs from the MLP; ", int8 activations" where int8 layers round their inputs); "" for any other."""
+    layer = model.transformer.encoder.layers[0]
+    mlp, attention, output = layer.mlp.dense_h_to_4h, layer.self_attention.dense, model.get_submodule(OUTPUT_LAYER)
+    if not isinstance(mlp, WeightOnlyLinear):
         return ""
-    first, output = layers[0], model.get_submodule(OUTPUT_LAYER)
-    group = f" (group {first.group_size})" if first.bits == 4 else ""
+    group = f" (group {mlp.group_size})" if mlp.bits == 4 else ""
+    attention = f", attention int{attention.bits}" if attention.bits != mlp.bits else ""
     head = f"int{output.bits}" if isinstance(output, WeightOnlyLinear) else "float"
-    return f", int{first.bits} weight-only{group}, output_layer {head}"
+    rounds = any(isinstance(m, WeightOnlyLinear) and m.quantize_activations for m in model.modules())
+    activations = ", int8 activations" if rounds else ""
+    return f", int{mlp.bits} weight-only{group}{attention}, output_layer {head}{activations}"
