@@ -45,6 +45,7 @@ from chatglm2.device import torch_npu
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU and CUDA int4 kernels accept
 HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines and \
+    hasattr(torch, "_make_per_channel_quantized_tensor") and \
     hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
 _force_portable = contextvars.ContextVar("force_portable", default=False)
 
