@@ -177,11 +177,10 @@ def plan_layers(config: ChatGLM2Config, quantize: str | None, group_size: int, q
     quantize_output_layer applies to weight-only models only: "auto" (the format of the other layers), "int8", "int4"
     or None (float); quantize_attention ("auto", "int8", "int4") to query_key_value and self_attention.dense of a
     float checkpoint quantized at load; quantize_activations ("int8" or None) to every int8 layer."""
-    if quantize_activations not in (None, "int8"):
-        raise InputError(f"unknown quantize_activations={quantize_activations!r}; use int8 (or None)")
     for value, what, allowed in ((quantize, "quantize", QUANTIZE_CHOICES),
                                  (quantize_output_layer, "quantize_output_layer", ("auto",) + QUANTIZE_CHOICES),
-                                 (quantize_attention, "quantize_attention", ("auto",) + QUANTIZE_CHOICES)):
+                                 (quantize_attention, "quantize_attention", ("auto",) + QUANTIZE_CHOICES),
+                                 (quantize_activations, "quantize_activations", ("int8",))):
         if value is not None and value not in allowed:
             raise InputError(f"unknown {what}={value!r}; use one of {', '.join(allowed)} (or None)")
     if quantize_attention not in ("auto", None) and (config.quantization_bit or not quantize):

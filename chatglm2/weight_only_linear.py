@@ -220,11 +220,12 @@ class WeightOnlyLinear(nn.Module):
                              f"{tuple(self.weight.shape)} / {tuple(self.scales.shape)}")
         self.kernel = kernel_for(weight.device, self.bits, self.out_features, self.in_features, self.group_size,
                                  traceable, self.quantize_activations)
+        scales = scales.to(self.scales.dtype)
         if self.kernel == "fbgemm":
-            self.packed = pack_for_fbgemm(weight, scales.to(self.scales.dtype))
-            self.weight, self.scales = torch.empty(0, dtype=torch.int8), scales.to(self.scales.dtype)
+            self.packed = pack_for_fbgemm(weight, scales)
+            self.weight, self.scales = torch.empty(0, dtype=torch.int8), scales
             return
-        packed = pack_for_kernel(self.kernel, self.bits, weight, scales.to(self.scales.dtype))
+        packed = pack_for_kernel(self.kernel, self.bits, weight, scales)
         self.weight, self.scales = packed[0], packed[1]
         self.offsets = packed[2] if len(packed) > 2 else None
 
