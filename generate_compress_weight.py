@@ -9,7 +9,7 @@
 
 --weight_path is QUANT_WEIGHT_PATH (its one tp{N}/ folder, or tp{--tp_size}/ when process_weights.py cut several)
 or a tp{N}/ folder itself. --save_path receives compress{i}/ for every rank i. The format is this project's own
-(the 300I Duo's hardware format is not public); see chatglm2/sparse_format.py and the README.
+(the 300I Duo's hardware format is not public); see chatglm2/sparse_format.py and docs/w8a8_sparse.md.
 """
 import argparse
 

@@ -6,13 +6,14 @@
 """
 import argparse
 import sys
+from pathlib import Path
 
 from chatglm2 import collectives, settings
-from chatglm2.ceval import run_precision_dataset
-from chatglm2.chat_modes import cli_demo, precision_single
-from chatglm2.cli import ArgumentParser, add_model_args, load_model_and_tokenizer, run_cli
+from chatglm2.ceval import prepare_evaluation, run_precision_dataset
+from chatglm2.chat_modes import cli_demo, precision_single, single_max_new_tokens
+from chatglm2.cli import ArgumentParser, add_model_args, load_model, open_checkpoint, run_cli
 from chatglm2.errors import InputError
-from chatglm2.performance import run_performance
+from chatglm2.performance import check_output_file, run_performance
 
 MODES = ("precision_single", "precision_dataset", "performance", "cli_demo")
 
@@ -58,17 +59,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def kv_slots(args: argparse.Namespace) -> int:
+    """Sequences the mode keeps in the KV cache at once: --batch rows, or the one conversation of cli_demo."""
+    return 1 if args.mode == "cli_demo" else args.batch
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ceval_max_new_tokens = settings.ceval_max_new_tokens() if args.mode == "precision_dataset" else None
-    model, tokenizer = load_model_and_tokenizer(args)
+    # Every refusal that needs no weights comes first: loading takes minutes for the real model.
+    checkpoint = open_checkpoint(args)
+    tokenizer = checkpoint.tokenizer
+    if args.mode == "precision_single":
+        single_max_new_tokens(tokenizer, settings.max_seq_len())
+    elif args.mode == "precision_dataset":
+        evaluation = prepare_evaluation(tokenizer, args.ceval_dataset, args.precision_output_file,
+                                        settings.max_seq_len(), args.skip_bad_lines, ceval_max_new_tokens)
+    elif args.mode == "performance":
+        check_output_file(Path(args.performance_output_file))
+    model = load_model(args, checkpoint, kv_slots(args))
     if args.mode == "precision_single":
         precision_single(model, tokenizer, args.batch)
     elif args.mode == "cli_demo":
         cli_demo(model, tokenizer)
     elif args.mode == "precision_dataset":
-        run_precision_dataset(model, tokenizer, args.ceval_dataset, args.batch, args.precision_output_file,
-                              args.model_path, args.tp_size, args.skip_bad_lines, ceval_max_new_tokens)
+        run_precision_dataset(model, tokenizer, evaluation, args.batch, args.model_path, args.tp_size)
     else:
         run_performance(model, tokenizer, args.batch, list(zip(args.seqlen_in_pair, args.seqlen_out_pair)),
                         args.performance_output_file, args.print_response)

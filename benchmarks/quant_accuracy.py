@@ -15,7 +15,9 @@ Weight-only rows: --quantize int8 / int4 as loaded (norm weights folded into the
 --quantize_activations int8 the int8 layers also round each input row to 8 bits), THUDM's int8 / int4 checkpoints
 written from the same weights (no folding: their layers meet the outliers), and, as what a peer computes on these
 weights, chatglm.cpp's Q8_0 / Q4_0 rounding (its converter's formulas, dequantized into a float model here, not run
-through chatglm.cpp), and our int8 / int4 rounding without the norm folding. The FFN width is a multiple of 128 so
+through chatglm.cpp): on the encoder linears only (against our rounding of those layers without the norm folding),
+and as its converter writes a model (every 2-D weight: the embeddings and output_layer too; against our default
+load, which quantizes output_layer as well). The FFN width is a multiple of 128 so
 that int4 groups of 128 fit.
 Results go to benchmarks/results/.
 """
@@ -32,7 +34,8 @@ from chatglm2.checkpoint import iter_tensors, write_checkpoint
 from chatglm2.quant_export import export
 from chatglm2.quant_split import write_quant_parts
 from chatglm2.random_checkpoint import CORPUS, demo_config, random_shards, train_tokenizer
-from chatglm2.weight_only import ENCODER_LINEARS, quantize_int4, quantize_int8, write_thudm_checkpoint
+from chatglm2.weight_only import (DEFAULT_GROUP_SIZE, ENCODER_LINEARS, quantize_int4, quantize_int8,
+                                  write_thudm_checkpoint)
 from chatglm2.weight_only_linear import dequantize
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
@@ -108,12 +111,38 @@ def q4_0(weight: torch.Tensor) -> torch.Tensor:
     return (((blocks / scale + 8).round().clamp(0, 15) - 8) * scale).view_as(weight)
 
 
-def rounded_logits(ckpt: Path, prompts: list[torch.Tensor], rounding, out: Path) -> torch.Tensor:
-    """A float model whose encoder linears hold rounding(weight): another quantizer's result, computed in fp32."""
+def int4_clip_searched(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                       clips: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)) -> torch.Tensor:
+    """Our int4 scheme (asymmetric, integer zero point) with each group's range shrunk by the clip, of these, that
+    rounds the group closest to its weights (as llama.cpp's k-quants and AWQ search): an ablation, not what loads."""
+    blocks = weight.reshape(-1, group_size)
+    best, best_error = blocks, torch.full_like(blocks[:, :1], math.inf)
+    for clip in clips:
+        low, high = blocks.amin(-1, keepdim=True).clamp(max=0) * clip, blocks.amax(-1, keepdim=True).clamp(min=0) * clip
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float16).tiny).half().float()
+        zero_point = torch.round(-low / scale).clamp(0, 15)
+        rounded = ((blocks / scale + zero_point).round().clamp(0, 15) - zero_point) * scale
+        error = (rounded - blocks).pow(2).sum(-1, keepdim=True)
+        best = torch.where(error < best_error, rounded, best)
+        best_error = torch.minimum(error, best_error)
+    return best.view_as(weight)
+
+def encoder_linear(name: str, tensor: torch.Tensor) -> bool:
+    return name.endswith(".weight") and name.rpartition(".")[0].endswith(ENCODER_LINEARS)
+
+
+def matrix(name: str, tensor: torch.Tensor) -> bool:
+    """What chatglm.cpp's converter rounds to Q4_0 / Q8_0: every 2-D weight (the word embeddings, the encoder linears
+    and output_layer); the norms stay float."""
+    return tensor.dim() == 2
+
+
+def rounded_logits(ckpt: Path, prompts: list[torch.Tensor], rounding, out: Path, rounds=encoder_linear) -> torch.Tensor:
+    """A float model whose weights that `rounds` picks hold rounding(weight): another quantizer's result, computed in
+    fp32."""
     tensors = {}
     for name, tensor in iter_tensors(ckpt):
-        linear = name.endswith(".weight") and name.rpartition(".")[0].endswith(ENCODER_LINEARS)
-        tensors[name] = rounding(tensor.float()) if linear else tensor.float()
+        tensors[name] = rounding(tensor.float()) if rounds(name, tensor) else tensor.float()
     write_checkpoint(out, json.loads((ckpt / "config.json").read_text()), [tensors], 1, ckpt)
     return logits(ChatGLM2ForCausalLM.from_pretrained(out, device="cpu", dtype=torch.float32), prompts)
 
@@ -128,25 +157,35 @@ def weight_only_rows(ckpt: Path, work: Path, prompts: list[torch.Tensor], refere
     rows = {"weight-only int8": loaded(ckpt, quantize="int8"),
             "weight-only int8, int8 activations": loaded(ckpt, quantize="int8", quantize_activations="int8"),
             "weight-only int8, output_layer float": loaded(ckpt, quantize="int8", quantize_output_layer=None)}
-    for group in (128, 64, 32):
-        rows[f"weight-only int4 g{group}"] = loaded(ckpt, quantize="int4", group_size=group)
-    rows["weight-only int4 g128, output_layer int8"] = loaded(ckpt, quantize="int4", quantize_output_layer="int8")
+    for group in (32, 64, 128):
+        default = " (the default)" if group == DEFAULT_GROUP_SIZE else ""
+        rows[f"weight-only int4 g{group}{default}"] = loaded(ckpt, quantize="int4", group_size=group)
+    int4 = f"weight-only int4 g{DEFAULT_GROUP_SIZE}"
+    rows[f"{int4}, output_layer int8"] = loaded(ckpt, quantize="int4", quantize_output_layer="int8")
     mixed = dict(quantize="int4", quantize_attention="int8", quantize_output_layer="int8")
-    rows["weight-only int4 g128, attention and output_layer int8"] = loaded(ckpt, **mixed)
-    rows["weight-only int4 g128, attention and output_layer int8, int8 activations"] = loaded(
+    rows[f"{int4}, attention and output_layer int8"] = loaded(ckpt, **mixed)
+    rows[f"{int4}, attention and output_layer int8, int8 activations"] = loaded(
         ckpt, quantize_activations="int8", **mixed)
-    rows["weight-only int4 g128, output_layer float"] = loaded(ckpt, quantize="int4", quantize_output_layer=None)
-    rows["weight-only int4 g128, bf16 activations"] = loaded(ckpt, torch.bfloat16, quantize="int4")
+    rows[f"{int4}, output_layer float"] = loaded(ckpt, quantize="int4", quantize_output_layer=None)
+    rows[f"{int4}, bf16 activations"] = loaded(ckpt, torch.bfloat16, quantize="int4")
     for bits in (8, 4):
         thudm = write_thudm_checkpoint(ckpt, work / f"thudm_int{bits}", bits)
         rows[f"THUDM int{bits} checkpoint (per row)"] = loaded(thudm)
     rows["THUDM int8 checkpoint, int8 activations"] = loaded(work / "thudm_int8", quantize_activations="int8")
-    ablations = {"chatglm.cpp Q8_0 rounding": q8_0, "chatglm.cpp Q4_0 rounding": q4_0,
-                 "int8 without norm folding": lambda w: dequantize(*quantize_int8(w, torch.float32, cpu), 8, w.dtype),
-                 "int4 g128 without norm folding":
-                     lambda w: dequantize(*quantize_int4(w, 128, torch.float32, cpu), 4, w.dtype)}
-    for name, rounding in ablations.items():
-        rows[name] = compare(reference, rounded_logits(ckpt, prompts, rounding, work / name.replace(" ", "_")))
+    ablations = {"chatglm.cpp Q8_0 rounding (encoder linears)": (q8_0, encoder_linear),
+                 "chatglm.cpp Q4_0 rounding (encoder linears)": (q4_0, encoder_linear),
+                 "chatglm.cpp Q8_0 as converted (embeddings, encoder linears, output_layer)": (q8_0, matrix),
+                 "chatglm.cpp Q4_0 as converted (embeddings, encoder linears, output_layer)": (q4_0, matrix),
+                 "int8 without norm folding (encoder linears)":
+                     (lambda w: dequantize(*quantize_int8(w, torch.float32, cpu), 8, w.dtype), encoder_linear),
+                 f"int4 g{DEFAULT_GROUP_SIZE} without norm folding (encoder linears)":
+                     (lambda w: dequantize(*quantize_int4(w, DEFAULT_GROUP_SIZE, torch.float32, cpu), 4, w.dtype),
+                      encoder_linear),
+                 f"int4 g{DEFAULT_GROUP_SIZE}, clip searched per group, without norm folding (encoder linears)":
+                     (int4_clip_searched, encoder_linear)}
+    for name, (rounding, rounds) in ablations.items():
+        out = work / "".join(c if c.isalnum() else "_" for c in name)
+        rows[name] = compare(reference, rounded_logits(ckpt, prompts, rounding, out, rounds))
     return rows
 
 

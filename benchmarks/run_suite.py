@@ -53,6 +53,7 @@ ENGINES = {
     "ours-int8": ("torch", "ours", "int8"),
     "ours-int8-a8": ("torch", "ours", "int8+a8"),
     "ours-int4": ("torch", "ours", "int4"),
+    "ours-int4-g128": ("torch", "ours", "int4 g128"),
     "ours-int4-out8": ("torch", "ours", "int4+out8"),
     "ours-int4-mixed": ("torch", "ours", "int4+attn8+out8"),
     "transformers-bf16": ("torch", "transformers", "bf16"),
@@ -68,13 +69,16 @@ DEFAULT_ENGINES = {
     "cuda": "ours,ours-int8,ours-int4,transformers-fp16",
 }
 # Bytes per weight as stored: ggml's Q8_0 keeps 32 int8 plus one fp16 scale per block, Q4_0 32 nibbles plus a scale;
-# our int4 keeps 128 nibbles plus a 16-bit scale and zero per group (its mixes are shown against the int4 floor).
-BYTES_PER_WEIGHT = {"w8a8": 1.0, "int8": 1.0, "int8+a8": 1.0, "int4": 68 / 128, "int4+out8": 68 / 128, "int4+attn8+out8": 68 / 128,
+# our int4 keeps 32 (the default) or 128 nibbles plus a 16-bit scale and zero per group (its mixes are shown against
+# the int4 floor).
+BYTES_PER_WEIGHT = {"w8a8": 1.0, "int8": 1.0, "int8+a8": 1.0, "int4": 20 / 32, "int4 g128": 68 / 128,
+                    "int4+out8": 20 / 32, "int4+attn8+out8": 20 / 32,
                     "bf16": 2.0, "fp16": 2.0, "f16": 2.0, "fp32": 4.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-FLOOR_LABELS = {1.0: "int8", 68 / 128: "int4 g128", 2.0: "16-bit", 4.0: "fp32", 34 / 32: "Q8_0", 18 / 32: "Q4_0"}
+FLOOR_LABELS = {1.0: "int8", 20 / 32: "int4 g32", 68 / 128: "int4 g128", 2.0: "16-bit", 4.0: "fp32", 34 / 32: "Q8_0",
+                18 / 32: "Q4_0"}
 # weight-only formats -> torch_worker flags
 WEIGHT_ONLY = {"int8": ["--quantize", "int8"], "int8+a8": ["--quantize", "int8", "--quantize_activations", "int8"],
-               "int4": ["--quantize", "int4"],
+               "int4": ["--quantize", "int4"], "int4 g128": ["--quantize", "int4", "--group_size", "128"],
                "int4+out8": ["--quantize", "int4", "--quantize_output_layer", "int8"],
                "int4+attn8+out8": ["--quantize", "int4", "--quantize_attention", "int8", "--quantize_output_layer",
                                    "int8"]}

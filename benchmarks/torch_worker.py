@@ -18,6 +18,7 @@ import torch
 from benchmarks.common import emit, peak_rss_bytes, prompt_ids, reset_peak_rss, rss_bytes, timing_summary
 from chatglm2.checkpoint import read_config
 from chatglm2.device import synchronize
+from chatglm2.weight_only import DEFAULT_GROUP_SIZE
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WARMUP_NEW_TOKENS = 2
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="ours: weight-only quantization")
-    parser.add_argument("--group_size", type=int, default=128, help="ours: int4 group size")
+    parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE, help="ours: int4 group size")
     parser.add_argument("--quantize_output_layer", choices=("auto", "int8", "int4"), default="auto",
                         help="ours with --quantize: output_layer's format (auto: as --quantize)")
     parser.add_argument("--quantize_attention", choices=("auto", "int8", "int4"), default="auto",

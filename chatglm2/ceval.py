@@ -175,6 +175,21 @@ def choice_token_ids(tokenizer) -> list[int]:
     return [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in CHOICES]
 
 
+def suffix_len(tokenizer) -> int:
+    """Tokens that stage 2 adds after the answer: MAX_SEQ_LEN must keep room for them."""
+    return len(tokenizer.encode("\n" + EXTRACTION_PROMPT, add_special_tokens=False))
+
+
+def stage1_budget(prompt_len: int, suffix: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """New tokens stage 1 may generate after a prompt of prompt_len tokens, keeping room for the stage-2 suffix;
+    InputError when none is left."""
+    budget = min(max_new_tokens, max_seq_len - prompt_len - suffix)
+    if budget < 1:
+        raise InputError(f"a question of {prompt_len} tokens leaves no room to answer under MAX_SEQ_LEN={max_seq_len}; "
+                         f"export MAX_SEQ_LEN={prompt_len + suffix + max_new_tokens}")
+    return budget
+
+
 def answer_questions(engine: Engine, tokenizer, questions: list[str], max_new_tokens: int, batch: int,
                      progress: Callable[[int], None] = lambda done: None) -> tuple[list[int], int]:
     """The two-stage protocol on a subject's questions: predicted choice indices, and the smallest stage-1 budget.
@@ -184,14 +199,11 @@ def answer_questions(engine: Engine, tokenizer, questions: list[str], max_new_to
     in batches of `batch`, left-padded.
     """
     model = engine.model
-    suffix = len(tokenizer.encode("\n" + EXTRACTION_PROMPT, add_special_tokens=False))
+    suffix = suffix_len(tokenizer)
     requests, smallest = [], max_new_tokens
     for question in questions:
         prompt_ids = tokenizer.encode(tokenizer.build_prompt(question))
-        budget = min(max_new_tokens, model.max_seq_len - len(prompt_ids) - suffix)  # room for the stage-2 suffix
-        if budget < 1:
-            raise InputError(f"a question of {len(prompt_ids)} tokens leaves no room to answer under MAX_SEQ_LEN="
-                             f"{model.max_seq_len}; export MAX_SEQ_LEN={len(prompt_ids) + suffix + max_new_tokens}")
+        budget = stage1_budget(len(prompt_ids), suffix, max_new_tokens, model.max_seq_len)
         smallest = min(smallest, budget)
         requests.append(engine.submit(prompt_ids, SamplingParams(max_new_tokens=budget)))
     pending = list(requests)
@@ -313,20 +325,43 @@ def load_records(path: Path) -> list[dict]:
     return records
 
 
-def run_precision_dataset(model, tokenizer, dataset: str | Path, batch: int, output_file: str | Path, model_path: str,
-                          tp_size: int = 1, skip_bad_lines: bool = False, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
-    """Evaluate every val subject not already done, writing results to output_file after each; returns the run's
-    record. max_new_tokens below the protocol's 512 is for quick checks only."""
-    rank0 = collectives.is_rank0()
+@dataclass
+class Evaluation:
+    """A C-Eval run's inputs, all checked before the model loads."""
+    dataset: Path
+    layout: str
+    subjects: list[Subject]
+    output: Path  # claimed: checked and locked
+    records: list[dict]  # the runs already in it
+    max_new_tokens: int
+
+
+def prepare_evaluation(tokenizer, dataset: str | Path, output_file: str | Path, max_seq_len: int,
+                       skip_bad_lines: bool = False, max_new_tokens: int = MAX_NEW_TOKENS) -> Evaluation:
+    """Read the dataset, claim the output files, read their records and check that the longest question leaves room
+    to answer under max_seq_len: each can be refused in seconds, before the model loads (minutes). max_new_tokens
+    below the protocol's 512 is for quick checks only."""
     layout, subjects = load_dataset(dataset, skip_bad_lines)
     output = Path(output_file)
     claim_output(output)
-    setup = {"dataset": str(Path(dataset).resolve()), "layout": layout,
-             "model_path": str(Path(model_path).resolve()), "dtype": str(model.dtype).removeprefix("torch."),
-             "max_new_tokens": max_new_tokens, "max_seq_len": model.max_seq_len}
     # Every rank reads the file, so all take the same resume decision; rank 0 rewrites it only after a subject's
     # collectives, which the other ranks join after this read.
     records = load_records(output)
+    longest = max(len(tokenizer.encode(tokenizer.build_prompt(q))) for s in subjects for q in s.questions)
+    stage1_budget(longest, suffix_len(tokenizer), max_new_tokens, max_seq_len)
+    return Evaluation(Path(dataset), layout, subjects, output, records, max_new_tokens)
+
+
+def run_precision_dataset(model, tokenizer, evaluation: Evaluation, batch: int, model_path: str,
+                          tp_size: int = 1) -> dict:
+    """Evaluate every val subject not already done, writing results to the output file after each; returns the run's
+    record."""
+    rank0 = collectives.is_rank0()
+    dataset, layout, subjects, output = evaluation.dataset, evaluation.layout, evaluation.subjects, evaluation.output
+    records, max_new_tokens = evaluation.records, evaluation.max_new_tokens
+    setup = {"dataset": str(dataset.resolve()), "layout": layout,
+             "model_path": str(Path(model_path).resolve()), "dtype": str(model.dtype).removeprefix("torch."),
+             "max_new_tokens": max_new_tokens, "max_seq_len": model.max_seq_len}
     if records and records[-1]["setup"] == setup and not records[-1].get("complete"):
         record = records[-1]
     else:

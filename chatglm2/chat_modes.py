@@ -3,6 +3,8 @@ import sys
 import time
 import unicodedata
 
+import torch
+
 from chatglm2 import collectives
 from chatglm2.errors import InputError
 
@@ -19,14 +21,25 @@ def printable(text: str) -> str:
                    for c in text)
 
 
+def single_prompt(tokenizer) -> list[int]:
+    return tokenizer.encode(tokenizer.build_prompt(SINGLE_QUESTION))
+
+
+def single_max_new_tokens(tokenizer, max_seq_len: int) -> int:
+    """The answer's budget: 512 tokens, or what MAX_SEQ_LEN leaves after the prompt; InputError when nothing is left.
+    It needs the tokenizer only, so main.py asks before the model loads."""
+    max_new_tokens = min(SINGLE_MAX_NEW_TOKENS, max_seq_len - len(single_prompt(tokenizer)))
+    if max_new_tokens < 1:
+        raise InputError(f"MAX_SEQ_LEN={max_seq_len} leaves no room to answer; export MAX_SEQ_LEN=1024")
+    return max_new_tokens
+
+
 def precision_single(model, tokenizer, batch: int) -> None:
     """The fixed question, `batch` copies, answered greedily."""
-    inputs = tokenizer([tokenizer.build_prompt(SINGLE_QUESTION)] * batch)
-    max_new_tokens = min(SINGLE_MAX_NEW_TOKENS, model.max_seq_len - inputs["input_ids"].shape[1])
-    if max_new_tokens < 1:
-        raise InputError(f"MAX_SEQ_LEN={model.max_seq_len} leaves no room to answer; export MAX_SEQ_LEN=1024")
+    max_new_tokens = single_max_new_tokens(tokenizer, model.max_seq_len)
+    input_ids = torch.tensor([single_prompt(tokenizer)]).expand(batch, -1)  # tokenized once: every row is the same
     start = time.perf_counter()
-    output_ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    output_ids = model.generate(input_ids, max_new_tokens=max_new_tokens)
     elapsed = time.perf_counter() - start
     if collectives.is_rank0():
         print(f"问：{SINGLE_QUESTION}")

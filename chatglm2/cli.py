@@ -6,6 +6,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -65,8 +66,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
                         help=f"int4: input columns per scale and zero point (default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--quantize_output_layer", default="auto", choices=("auto",) + QUANTIZE_CHOICES + ("none",),
-                        help="output_layer of a weight-only model: auto (as the other layers, the fastest), int8 (more "
-                             "accurate under int4), or none (float)")
+                        help="output_layer of a weight-only model: auto (as the other layers, the fastest; float for "
+                             "THUDM's checkpoints, as stored), int8 (more accurate under int4), int4, or none (float)")
     parser.add_argument("--quantize_attention", default="auto", choices=("auto",) + QUANTIZE_CHOICES,
                         help="query_key_value and self_attention.dense under --quantize: auto (as the other layers) or "
                              "int8 (more accurate under int4, more bytes)")
@@ -97,24 +98,40 @@ def model_class(model_file: str) -> type:
     return module.ChatGLM2ForCausalLM
 
 
-def load_model_and_tokenizer(args: argparse.Namespace):
-    """Join the torchrun group (if any), then load this rank's model on device --device + rank."""
+@dataclass
+class Checkpoint:
+    """What the checks before loading need: this rank's device and tensor-parallel rank, and the checkpoint's
+    tokenizer (config.json read first)."""
+    device: torch.device
+    tp_rank: int
+    tokenizer: ChatGLM2Tokenizer
+
+
+def open_checkpoint(args: argparse.Namespace) -> Checkpoint:
+    """Join the torchrun group (if any) on device --device + rank; read config.json and the tokenizer, not weights."""
     set_cpu_threads()
     collectives.check_tp_size(args.tp_size)
     device = select_device(args.backend, args.device + collectives.launched_rank())
     tp_rank = collectives.init_tensor_parallel(args.tp_size, device, settings.tp_timeout_s())
     read_config(args.model_path)
-    tokenizer = ChatGLM2Tokenizer.from_pretrained(args.model_path)
+    return Checkpoint(device, tp_rank, ChatGLM2Tokenizer.from_pretrained(args.model_path))
+
+
+def load_model(args: argparse.Namespace, checkpoint: Checkpoint, kv_slots: int):
+    """This rank's model, for a KV cache of kv_slots sequences: the weights and that cache are checked against the
+    free memory together before any weight is read."""
+    tp_rank = checkpoint.tp_rank
     model = model_class(args.model_file).from_pretrained(
-        args.model_path, device=device, dtype=DTYPES[args.dtype], tp_rank=tp_rank, tp_size=args.tp_size,
+        args.model_path, device=checkpoint.device, dtype=DTYPES[args.dtype], tp_rank=tp_rank, tp_size=args.tp_size,
         show_progress=tp_rank == 0, compile=args.compile, quantize=args.quantize, group_size=args.group_size,
         quantize_output_layer=None if args.quantize_output_layer == "none" else args.quantize_output_layer,
         quantize_attention=args.quantize_attention,
-        quantize_activations=None if args.quantize_activations == "none" else args.quantize_activations)
+        quantize_activations=None if args.quantize_activations == "none" else args.quantize_activations,
+        kv_slots=kv_slots)
     if tp_rank == 0:
-        print(f"loaded {args.model_path} on {device} ({str(model.dtype).removeprefix('torch.')}{describe(model)}, "
-              f"tp_size {args.tp_size}, MAX_SEQ_LEN {model.max_seq_len})", flush=True)
-    return model, tokenizer
+        print(f"loaded {args.model_path} on {checkpoint.device} ({str(model.dtype).removeprefix('torch.')}"
+              f"{describe(model)}, tp_size {args.tp_size}, MAX_SEQ_LEN {model.max_seq_len})", flush=True)
+    return model
 
 
 def port_number(text: str) -> int:
@@ -162,13 +179,15 @@ def ignore_stop_signals() -> None:
 
 def serve(args: argparse.Namespace, run_server: Callable[[Engine, ChatGLM2Tokenizer], None],
           max_waiting: int | None = None) -> None:
-    """The life of a server command (web_demo.py, openai_api.py): the port checked before the model loads, then an
-    engine of --max_batch slots. Rank 0 runs run_server(engine, tokenizer) while the engine's thread answers; the
-    other ranks follow the engine's plan; when run_server returns, everything stops together."""
+    """The life of a server command (web_demo.py, openai_api.py): the port, then the memory for the weights and the
+    KV cache of --max_batch slots, checked before the model loads; then an engine of --max_batch slots. Rank 0 runs
+    run_server(engine, tokenizer) while the engine's thread answers; the other ranks follow the engine's plan; when
+    run_server returns, everything stops together."""
     rank0 = collectives.launched_rank() == 0
     if rank0:
         check_port_free(args.server_name, args.server_port)
-    model, tokenizer = load_model_and_tokenizer(args)
+    checkpoint = open_checkpoint(args)
+    model, tokenizer = load_model(args, checkpoint, args.max_batch), checkpoint.tokenizer
     engine = Engine(model, args.max_batch, tokenizer, max_waiting, args.max_prefill_tokens)
     if not rank0:
         # Ctrl+C and torchrun's SIGTERM reach every rank; these leave when rank 0 says so, never mid-collective.

@@ -66,3 +66,7 @@ class ChatGLM2Config:
     @property
     def kv_groups(self) -> int:
         return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    def rank_kv_groups(self, tp_size: int) -> int:
+        """KV groups one tensor-parallel rank holds: its share, or one group replicated when ranks outnumber them."""
+        return self.kv_groups // min(tp_size, self.kv_groups)

@@ -18,9 +18,10 @@ from chatglm2.compiled import CompiledDecode
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
 from chatglm2.loading import load_pretrained
-from chatglm2.memory import check_fits, kv_cache_bytes
+from chatglm2.memory import check_kv_cache_fits, kv_cache_shape
 from chatglm2.ops import RMSNorm
 from chatglm2.tokenizer import ChatGLM2Tokenizer
+from chatglm2.weight_only import DEFAULT_GROUP_SIZE
 
 
 @dataclass
@@ -50,7 +51,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ChatGLM2Config, tp_size: int):
         super().__init__()
         self.num_heads = config.num_attention_heads // tp_size
-        self.num_kv_groups = config.kv_groups // min(tp_size, config.kv_groups)
+        self.num_kv_groups = config.rank_kv_groups(tp_size)
         self.head_dim = config.kv_channels
         self.tp_size = tp_size
         qkv_size = (self.num_heads + 2 * self.num_kv_groups) * self.head_dim
@@ -161,9 +162,9 @@ class ChatGLM2ForCausalLM(nn.Module):
                         tp_rank: int = 0, tp_size: int = 1, max_seq_len: int | None = None,
                         quant_path: str | Path | None = None, compress_path: str | Path | None = None,
                         show_progress: bool = False, compile: str = "auto", quantize: str | None = None,
-                        group_size: int = 128, quantize_output_layer: str | None = "auto",
-                        quantize_attention: str = "auto",
-                        quantize_activations: str | None = None) -> "ChatGLM2ForCausalLM":
+                        group_size: int = DEFAULT_GROUP_SIZE, quantize_output_layer: str | None = "auto",
+                        quantize_attention: str = "auto", quantize_activations: str | None = None,
+                        kv_slots: int = 1) -> "ChatGLM2ForCausalLM":
         """Load a checkpoint directory (HF layout); with tp_size > 1, this rank's part from process_weights.py.
 
         device: "auto" / "npu" / "cuda" / "cpu" / a torch.device (default: auto, using device index tp_rank);
@@ -175,15 +176,18 @@ class ChatGLM2ForCausalLM(nn.Module):
         quantize: "int8" / "int4" quantizes the four encoder linears of every layer as they load (weight-only; int4 in
         groups of group_size input columns); a THUDM quantized checkpoint ("quantization_bit" in config.json) loads
         as weight-only by itself. quantize_output_layer: what output_layer becomes in a weight-only model ("auto": the
-        same format as the other layers; "int8", "int4", or None for float); quantize_attention: the same for
+        same format as the other layers, or float for THUDM's checkpoints, which store it so; "int8", "int4", or None
+        for float); quantize_attention: the same for
         query_key_value and self_attention.dense under quantize ("int8" with int4: more accurate, more bytes);
         quantize_activations="int8": int8 layers round each input row to 8 bits at run time (fbgemm's integer GEMM on
         x86 CPUs: faster, a little less accurate). See weight_only.py and weight_only_linear.py.
+        kv_slots: the sequences its KV cache will hold at once (a batch, a server's slots); their cache and the
+        weights must fit in the free memory together, which is checked before any weight is read.
         """
         return load_pretrained(cls, path, device, dtype, tp_rank, tp_size, max_seq_len, quant_path, compress_path,
                                show_progress, compile=compile, quantize=quantize, group_size=group_size,
                                quantize_output_layer=quantize_output_layer, quantize_attention=quantize_attention,
-                               quantize_activations=quantize_activations)
+                               quantize_activations=quantize_activations, kv_slots=kv_slots)
 
     @property
     def device(self) -> torch.device:
@@ -224,15 +228,13 @@ class ChatGLM2ForCausalLM(nn.Module):
     def allocate_kv_cache(self, slots: int) -> None:
         """One preallocated cache [layers, K/V, slots, kv_groups, MAX_SEQ_LEN, head_dim], kept between calls while
         its shape fits; its size is checked against the free memory first."""
-        attn = self.transformer.encoder.layers[0].self_attention
-        shape = (self.config.num_layers, 2, slots, attn.num_kv_groups, self.max_seq_len, attn.head_dim)
+        shape = kv_cache_shape(self.config, slots, self.max_seq_len, self.tp_size)
         if self.kv_cache is not None and self.kv_cache.shape == shape and self.kv_cache.dtype == self.dtype:
             return
         self.kv_cache, self.compiled_decode = None, None
-        check_fits(f"the KV cache of {slots} sequence(s) of MAX_SEQ_LEN={self.max_seq_len} tokens",
-                   kv_cache_bytes(self.config.num_layers, slots, attn.num_kv_groups, self.max_seq_len, attn.head_dim,
-                                  self.dtype), self.device,
-                   "lower MAX_SEQ_LEN or the number of sequences at once (--batch, --max_batch)")
+        # from_pretrained checked the cache of kv_slots sequences with the weights; this one may be larger, and the
+        # memory now free is what counts
+        check_kv_cache_fits(self.config, slots, self.max_seq_len, self.tp_size, self.dtype, self.device)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         if self.compile:
             self.compiled_decode = CompiledDecode(self, slots)

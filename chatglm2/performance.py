@@ -128,6 +128,14 @@ def output_file_problem(path: Path) -> str | None:
     return None
 
 
+def check_output_file(path: Path) -> None:
+    """InputError when output_file_problem finds one. Rank 0 owns the file; every rank learns its verdict so that all
+    stop together (main.py asks before the model loads, run_performance again before any timing)."""
+    problem = collectives.broadcast_object(output_file_problem(path) if collectives.is_rank0() else None)
+    if problem:
+        raise InputError(problem)
+
+
 def append_row(path: Path, timing: Timing) -> None:
     """Append one row (the header first when the file is new or empty); atomic, so a crash never truncates it."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
@@ -195,10 +203,7 @@ def run_performance(model: ChatGLM2ForCausalLM, tokenizer: ChatGLM2Tokenizer, ba
     """Time every (seqlen_in, seqlen_out) pair, append to output_file, redraw its chart."""
     output_file = Path(output_file)
     rank0 = collectives.is_rank0()
-    # Rank 0 owns the file; every rank learns its verdict so that all stop together, before any timing.
-    problem = collectives.broadcast_object(output_file_problem(output_file) if rank0 else None)
-    if problem:
-        raise InputError(problem)
+    check_output_file(output_file)
     warmup_in = min(seq_in for seq_in, _ in pairs)
     time_generation(model, filled_prompt(tokenizer, warmup_in, batch), WARMUP_NEW_TOKENS)
     if rank0:

@@ -30,7 +30,7 @@ from chatglm2.tensor_parallel import ROW_PARALLEL
 from chatglm2.weight_only_linear import GROUP_SIZES, WeightOnlyLinear
 
 QUANTIZE_CHOICES = ("int8", "int4")
-DEFAULT_GROUP_SIZE = 128
+DEFAULT_GROUP_SIZE = 32  # beats Q4_0's accuracy at no loss of speed: docs/weight_only.md#int4-schemes
 ENCODER_LINEARS = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 BITS = {"int8": 8, "int4": 4}
 OUTPUT_LAYER = "transformer.output_layer"
@@ -174,9 +174,10 @@ def plan_layers(config: ChatGLM2Config, quantize: str | None, group_size: int, q
                 w8a8: bool, quantize_attention: str = "auto",
                 quantize_activations: str | None = None) -> dict[str, LayerSpec]:
     """Module name -> how it is loaded, for every weight-only layer; the combinations that cannot work are refused.
-    quantize_output_layer applies to weight-only models only: "auto" (the format of the other layers), "int8", "int4"
-    or None (float); quantize_attention ("auto", "int8", "int4") to query_key_value and self_attention.dense of a
-    float checkpoint quantized at load; quantize_activations ("int8" or None) to every int8 layer."""
+    quantize_output_layer applies to weight-only models only: "auto" (the format of the other layers; for THUDM's
+    checkpoints, float as stored), "int8", "int4" or None (float); quantize_attention ("auto", "int8", "int4") to
+    query_key_value and self_attention.dense of a float checkpoint quantized at load; quantize_activations ("int8" or
+    None) to every int8 layer."""
     for value, what, allowed in ((quantize, "quantize", QUANTIZE_CHOICES),
                                  (quantize_output_layer, "quantize_output_layer", ("auto",) + QUANTIZE_CHOICES),
                                  (quantize_attention, "quantize_attention", ("auto",) + QUANTIZE_CHOICES),
@@ -209,6 +210,8 @@ def plan_layers(config: ChatGLM2Config, quantize: str | None, group_size: int, q
             norm = None if thudm or name not in FOLDED_NORMS else prefix + FOLDED_NORMS[name]
             layer_bits = attention_bits if name.startswith("self_attention.") else bits
             specs[prefix + name] = LayerSpec(layer_bits, group_size, thudm, norm)
+    if quantize_output_layer == "auto" and thudm:
+        quantize_output_layer = None  # THUDM's checkpoints store it in float, and THUDM's runtime computes it so
     if quantize_output_layer:
         head_bits = bits if quantize_output_layer == "auto" else BITS[quantize_output_layer]
         specs[OUTPUT_LAYER] = LayerSpec(head_bits, group_size, False, FINAL_NORM)

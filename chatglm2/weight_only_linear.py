@@ -17,7 +17,7 @@ exactly as one process does. Every kernel computes that same function; on x86 CP
 Kernels, picked per layer at load (`kernel_for`):
   fbgemm    int8 with quantize_activations on x86 CPUs: fbgemm's integer GEMM (AVX2 / AVX-512 VNNI) on its packed
             weight, as fast as memory allows at any batch size: 1.4x to 1.6x faster than torch._weight_int8pack_mm at
-            one row, 4x to 6x at 8 to 128 rows (README)
+            one row, 4x to 6x at 8 to 128 rows (docs/weight_only.md#kernels-per-device)
   cpu       int8: torch._weight_int8pack_mm; int4: torch._weight_int4pack_mm_for_cpu on the weight repacked by
             torch._convert_weight_to_int4pack_for_cpu (fp32, bf16 or fp16 activations)
   cuda      int4: torch._weight_int4pack_mm (tinygemm; bf16 activations, fp16 ones are cast around it) on the weight
@@ -79,7 +79,8 @@ def dequantize(weight: torch.Tensor, scales: torch.Tensor, bits: int, dtype: tor
 
 def kernel_for(device: torch.device, bits: int, out_features: int, in_features: int, group_size: int,
                traceable: bool = False, quantize_activations: bool = False) -> str:
-    """The fastest kernel this device has for the layer's shape (measured; see the README), else "portable".
+    """The fastest kernel this device has for the layer's shape, else "portable" (measured:
+    docs/weight_only.md#kernels-per-device).
     traceable: one that torch.compile can trace (fbgemm's packed weight is opaque to it)."""
     if _force_portable.get():
         return "portable"

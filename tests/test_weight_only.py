@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.quant_accuracy import q4_0
 from chatglm2.checkpoint import iter_tensors, write_checkpoint
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
@@ -16,8 +17,8 @@ from chatglm2.loading import load_pretrained
 from chatglm2.memory import module_bytes
 from chatglm2.random_checkpoint import write_demo_checkpoint
 from chatglm2.tensor_parallel import join_tensor, part_root
-from chatglm2.weight_only import (from_thudm, plan_layers, quantize_int4, quantize_int8, thudm_quantize,
-                                  use_weight_only_layers, write_thudm_checkpoint)
+from chatglm2.weight_only import (DEFAULT_GROUP_SIZE, ENCODER_LINEARS, from_thudm, plan_layers, quantize_int4,
+                                  quantize_int8, thudm_quantize, use_weight_only_layers, write_thudm_checkpoint)
 from chatglm2.weight_only_linear import HAS_FBGEMM, WeightOnlyLinear, dequantize, portable_kernels
 from helpers import (PROMPTS, assert_one_line_error, assert_torchrun_matches, free_port, main_py, process_weights,
                      quant_env, run, start_server, stop, torchrun, write_calibration)
@@ -246,12 +247,47 @@ def test_thudm_checkpoint_computes_its_dequantized_weights(thudm_ckpt, tmp_path)
             tensor = tensor.float() * tensors[name + "_scale"].float()[:, None]
         floats[name] = tensor
     float_path = write_float_copy(floats, thudm_ckpt, tmp_path / "float")
+    reference = load(float_path)
+    # by default, as THUDM's runtime: the stored output_layer stays float (no further rounding of the logits)
+    default = load(thudm_ckpt)
+    assert not isinstance(default.transformer.output_layer, WeightOnlyLinear)
+    batch = ChatGLM2Tokenizer.from_pretrained(thudm_ckpt)(PROMPTS)
+    real = batch["attention_mask"].bool()
+    cosine = torch.nn.functional.cosine_similarity(default(**batch)[real], reference(**batch)[real], dim=-1)
+    assert cosine.min().item() >= 0.9999, cosine
     with portable_kernels():
-        assert_same_function(load(thudm_ckpt, quantize_output_layer=None), load(float_path), thudm_ckpt)
+        assert_same_function(load(thudm_ckpt), reference, thudm_ckpt)
     bits = f"int{config['quantization_bit']}"
     for options in ({}, {"quantize": bits}, *([{"quantize_activations": "int8"}] if bits == "int8" else [])):
-        fast = load(thudm_ckpt, quantize_output_layer=None, **options)
-        assert_same_function(fast, with_int8_inputs(load(float_path), fast), thudm_ckpt)
+        fast = load(thudm_ckpt, **options)
+        assert_same_function(fast, with_int8_inputs(reference, fast), thudm_ckpt)
+    # asked for, output_layer is quantized: the logits move
+    head_int4 = load(thudm_ckpt, quantize_output_layer="int4")
+    assert isinstance(head_int4.transformer.output_layer, WeightOnlyLinear)
+    assert (head_int4(**batch)[real] - default(**batch)[real]).abs().max().item() > 1e-3
+
+
+def test_default_int4_is_at_least_as_accurate_as_chatglm_cpp_q4_0(wo_ckpt, tmp_path):
+    """Issue 20: on the same weights, the default int4 (groups of 32, asymmetric, integer zero) rounds every matrix
+    closer than chatglm.cpp's Q4_0 (blocks of 32, symmetric), and the default load's logits are closer to float's
+    than those of the model chatglm.cpp's converter makes (every matrix in Q4_0)."""
+    tensors = dict(iter_tensors(wo_ckpt))
+    for name, weight in tensors.items():
+        if name.removesuffix(".weight").endswith((*ENCODER_LINEARS, "output_layer")):
+            ours = dequantize(*quantize_int4(weight.float(), DEFAULT_GROUP_SIZE, torch.float32, CPU), 4, torch.float32)
+            error, q4_0_error = (ours - weight).pow(2).mean(), (q4_0(weight.float()) - weight).pow(2).mean()
+            assert error < q4_0_error, (name, error, q4_0_error)
+    q4_0_model = load(write_float_copy({name: q4_0(tensor.float()) if tensor.dim() == 2 else tensor
+                                        for name, tensor in tensors.items()}, wo_ckpt, tmp_path / "q4_0"))
+    batch = ChatGLM2Tokenizer.from_pretrained(wo_ckpt)(PROMPTS)
+    real = batch["attention_mask"].bool()
+    reference = load(wo_ckpt)(**batch)[real]
+
+    def cosine(model: ChatGLM2ForCausalLM) -> float:
+        return F.cosine_similarity(model(**batch)[real], reference, dim=-1).mean().item()
+
+    ours, peer = cosine(load(wo_ckpt, quantize="int4")), cosine(q4_0_model)
+    assert ours >= peer, (ours, peer)
 
 
 def test_bad_weight_only_input_is_refused(wo_ckpt, thudm_ckpt, tmp_path):
@@ -324,8 +360,7 @@ def test_every_main_mode_runs_weight_only(wo_ckpt, thudm_ckpt, tmp_path):
     assert "int8 weight-only, output_layer int8, int8 activations" in performance.stdout
     assert len(csv.read_text().splitlines()) == 2
 
-    thudm = main_py("--mode", "precision_single", "--model_path", str(thudm_ckpt), "--quantize_output_layer", "none",
-                    MAX_SEQ_LEN="120")
+    thudm = main_py("--mode", "precision_single", "--model_path", str(thudm_ckpt), MAX_SEQ_LEN="120")
     assert thudm.returncode == 0, thudm.stderr
     assert "weight-only" in thudm.stdout and "output_layer float" in thudm.stdout
 
