@@ -1,15 +1,18 @@
 """The decode step compiled by inductor and, on CUDA, captured in CUDA graphs: one launch per token.
 
 The step (ChatGLM2ForCausalLM.decode_step) has static shapes: the rows of a bucket (1, 2, 4, ... up to the KV
-cache's slots), the whole MAX_SEQ_LEN of keys, and the positions in a tensor from which the mask is built on the
-device, so requests joining and leaving change data, not shapes. Inputs are copied into static buffers; on CUDA
-each bucket's graph is captured once, when the cache is allocated (so compilation and capture count as load time),
-and replayed per token; tensor parallel's NCCL all-reduces are captured inside it. On a CPU there are no graphs:
-the compiled step (inductor's C++ backend) runs as it is.
+cache's slots), the keys of a bucket (128, 256, ... up to MAX_SEQ_LEN: the smallest that holds every row's position,
+so a step's attention reads the live context, not the whole cache), and the positions in a tensor from which the
+mask is built on the device, so requests joining and leaving change data, not shapes. Inputs are copied into static
+buffers; on CUDA each (rows, keys) bucket's graph is captured once, when the cache is allocated (so compilation and
+capture count as load time), and replayed per token; tensor parallel's NCCL all-reduces are captured inside it. On
+a CPU there are no graphs: the compiled step (inductor's C++ backend) runs as it is.
 """
 import torch
 
 COMPILE_MODES = ("auto", "on", "off")
+# The smallest key bucket: below it attention is a sliver of a step, and fewer buckets are fewer graphs to capture.
+MIN_KEY_BUCKET = 128
 
 
 def compile_enabled(mode: str, device: torch.device) -> bool:
@@ -17,64 +20,72 @@ def compile_enabled(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
-def buckets(slots: int) -> list[int]:
-    """Row counts the step is compiled for: powers of two below `slots`, and `slots` itself."""
-    sizes, size = [], 1
-    while size < slots:
+def buckets(limit: int, smallest: int = 1) -> list[int]:
+    """Sizes the step is compiled for: powers of two from `smallest` below `limit`, and `limit` itself."""
+    sizes, size = [], smallest
+    while size < limit:
         sizes.append(size)
         size *= 2
-    return sizes + [slots]
+    return sizes + [limit]
+
+
+def bucket(sizes: list[int], needed: int) -> int:
+    return next(size for size in sizes if size >= needed)
 
 
 class CompiledDecode:
     def __init__(self, model, slots: int):
-        self.model, self.key_len = model, model.max_seq_len
-        self.buckets = buckets(slots)
+        self.model = model
+        self.row_buckets = buckets(slots)
+        self.key_buckets = buckets(model.max_seq_len, MIN_KEY_BUCKET)
         device = model.device
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
-        # Static shapes for the first bucket; a second one recompiles once with the row count symbolic. Dynamo keeps
-        # one cache per function for every model instance, so a process holding several compiled models needs more
-        # entries than its default 8.
+        # Static shapes for the first bucket; a second size of rows or keys recompiles once with that size symbolic.
+        # Dynamo keeps one cache per function for every model instance, so a process holding several compiled models
+        # needs more entries than its default 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.step = torch.compile(model.decode_step, fullgraph=True)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        pairs = [(rows, keys) for rows in self.row_buckets for keys in self.key_buckets]
         with torch.inference_mode():
             if device.type == "cuda":
-                self._capture(device)
+                self._capture(device, pairs)
             else:
-                for rows in self.buckets:  # compile every bucket now rather than in the middle of serving
-                    self.run(rows)
+                for rows, keys in pairs:  # compile every bucket now rather than in the middle of serving
+                    self.run(rows, keys)
 
-    def run(self, rows: int) -> torch.Tensor:
-        return self.step(self.tokens[:rows], self.positions[:rows], self.key_len, True)
+    def run(self, rows: int, keys: int) -> torch.Tensor:
+        return self.step(self.tokens[:rows], self.positions[:rows], keys, True)
 
-    def _capture(self, device: torch.device) -> None:
+    def _capture(self, device: torch.device, pairs: list[tuple[int, int]]) -> None:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compile and warm up off the capture, as CUDA graphs require
-            for rows in self.buckets:
+            for rows, keys in pairs:
                 for _ in range(3):
-                    self.run(rows)
+                    self.run(rows, keys)
         torch.cuda.current_stream(device).wait_stream(side)
         pool = None
-        for rows in reversed(self.buckets):  # largest first, so the smaller graphs fit in its memory pool
+        for pair in reversed(pairs):  # largest first, so the smaller graphs fit in its memory pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[rows] = self.run(rows)
+                self.outputs[pair] = self.run(*pair)
             pool = graph.pool()
-            self.graphs[rows] = graph
+            self.graphs[pair] = graph
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits [len(tokens), vocab] of one decode step for the first len(tokens) cache rows."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int) -> torch.Tensor:
+        """Logits [len(tokens), vocab] of one decode step for the first len(tokens) cache rows, whose positions are
+        all below key_len."""
         count = tokens.shape[0]
-        rows = next(size for size in self.buckets if size >= count)
+        pair = bucket(self.row_buckets, count), bucket(self.key_buckets, key_len)
+        rows = pair[0]
         self.tokens[:count].copy_(tokens)
         self.positions[:count].copy_(positions)
         self.tokens[count:rows].zero_()  # padding rows: token 0 at position 0 of their own (idle) cache rows
         self.positions[count:rows].zero_()
-        if rows in self.graphs:
-            self.graphs[rows].replay()
-            return self.outputs[rows][:count]
-        return self.run(rows)[:count]
+        if pair in self.graphs:
+            self.graphs[pair].replay()
+            return self.outputs[pair][:count]
+        return self.run(*pair)[:count]

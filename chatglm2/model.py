@@ -59,7 +59,7 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
-                layer_cache: torch.Tensor | None) -> torch.Tensor:
+                layer_cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, seq, _ = x.shape
         heads, groups = self.num_heads, self.num_kv_groups
         qkv = self.query_key_value(x).view(batch, seq, heads + 2 * groups, self.head_dim)
@@ -68,16 +68,19 @@ class SelfAttention(nn.Module):
         if attend.positions is not None and attend.cache_rows is not None:
             written, rows = attend.written, attend.cache_rows
             cache_rows, positions = rows[:, None].expand_as(attend.positions)[written], attend.positions[written]
-            layer_cache[0, cache_rows, :, positions] = k.transpose(1, 2)[written]
-            layer_cache[1, cache_rows, :, positions] = v.transpose(1, 2)[written]
-            k, v = layer_cache[0, rows, :, :attend.key_len], layer_cache[1, rows, :, :attend.key_len]
+            k_cache, v_cache = layer_cache
+            k_cache[cache_rows, :, positions] = k.transpose(1, 2)[written]
+            v_cache[cache_rows, :, positions] = v.transpose(1, 2)[written]
+            k, v = k_cache[rows, :, :attend.key_len], v_cache[rows, :, :attend.key_len]
         elif attend.positions is not None:
-            layer_cache[0, attend.rows, :, attend.positions] = k[:, :, 0]
-            layer_cache[1, attend.rows, :, attend.positions] = v[:, :, 0]
-            k, v = layer_cache[0, :batch, :, :attend.key_len], layer_cache[1, :batch, :, :attend.key_len]
+            k_cache, v_cache = layer_cache
+            k_cache[attend.rows, :, attend.positions] = k[:, :, 0]
+            v_cache[attend.rows, :, attend.positions] = v[:, :, 0]
+            k, v = k_cache[:batch, :, :attend.key_len], v_cache[:batch, :, :attend.key_len]
         elif attend.cache_rows is not None:
-            layer_cache[0, attend.cache_rows, :, :seq] = k
-            layer_cache[1, attend.cache_rows, :, :seq] = v
+            k_cache, v_cache = layer_cache
+            k_cache[attend.cache_rows, :, :seq] = k
+            v_cache[attend.cache_rows, :, :seq] = v
         out = self.dense(ops.attention(q, k, v, attend.mask))
         return collectives.all_reduce_sum(out) if self.tp_size > 1 else out
 
@@ -106,7 +109,7 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config, tp_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
-                layer_cache: torch.Tensor | None) -> torch.Tensor:
+                layer_cache: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, attend, layer_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -153,7 +156,7 @@ class ChatGLM2ForCausalLM(nn.Module):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.max_seq_len = max_seq_len
         self.transformer = ChatGLM2Model(config, tp_size)
-        self.kv_cache: torch.Tensor | None = None
+        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (keys, values) of each layer
         self.compile = False  # whether allocate_kv_cache compiles (and on CUDA captures) the decode step
         self.compiled_decode: CompiledDecode | None = None
 
@@ -226,23 +229,27 @@ class ChatGLM2ForCausalLM(nn.Module):
         return self.logits(hidden[:, -1:] if last_logit_only else hidden)
 
     def allocate_kv_cache(self, slots: int) -> None:
-        """One preallocated cache [layers, K/V, slots, kv_groups, MAX_SEQ_LEN, head_dim], kept between calls while
-        its shape fits; its size is checked against the free memory first."""
-        shape = kv_cache_shape(self.config, slots, self.max_seq_len, self.tp_size)
-        if self.kv_cache is not None and self.kv_cache.shape == shape and self.kv_cache.dtype == self.dtype:
+        """A preallocated cache, keys and values of each layer [slots, kv_groups, MAX_SEQ_LEN, head_dim], kept between
+        calls while its shape fits; its size is checked against the free memory first. Separate tensors, not views of
+        one: the compiled step then writes each in place, where a write into a view of a shared base makes inductor
+        copy the whole base every step (a step's time grew with MAX_SEQ_LEN)."""
+        layers, _, *shape = kv_cache_shape(self.config, slots, self.max_seq_len, self.tp_size)
+        if self.kv_cache is not None and list(self.kv_cache[0][0].shape) == shape \
+                and self.kv_cache[0][0].dtype == self.dtype:
             return
         self.kv_cache, self.compiled_decode = None, None
         # from_pretrained checked the cache of kv_slots sequences with the weights; this one may be larger, and the
         # memory now free is what counts
         check_kv_cache_fits(self.config, slots, self.max_seq_len, self.tp_size, self.dtype, self.device)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+                         for _ in range(layers)]
         if self.compile:
             self.compiled_decode = CompiledDecode(self, slots)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int, masked: bool) -> torch.Tensor:
         """decode_step, compiled and captured when the model was loaded with compile on."""
         if self.compiled_decode is not None:
-            return self.compiled_decode(tokens, positions)
+            return self.compiled_decode(tokens, positions, key_len)
         return self.decode_step(tokens, positions, key_len, masked)
 
     @torch.inference_mode()

@@ -76,21 +76,27 @@ def test_eos_stop_strings_and_sampling_settings_per_request(model_and_tokenizer)
     assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
 
 
+def stacked_cache(model) -> torch.Tensor:
+    """A copy of the KV cache as [layers, K/V, slots, groups, MAX_SEQ_LEN, head_dim]."""
+    return torch.stack([torch.stack(pair) for pair in model.kv_cache])
+
 def test_a_prompt_prefilled_in_chunks_equals_one_prefill(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     model.allocate_kv_cache(3)
     long_ids, short_ids = (tokenizer.encode(tokenizer.build_prompt(p)) for p in PROMPTS[:2])
     assert len(long_ids) > 12 and len(short_ids) > 5
     whole = model.prefill([long_ids, short_ids], [0, 1])
-    cache = model.kv_cache.clone()
-    model.kv_cache.normal_()  # what earlier requests left in the rows: every position read must be rewritten
+    cache = stacked_cache(model)
+    for tensor in (t for pair in model.kv_cache for t in pair):
+        tensor.normal_()  # what earlier requests left in the rows: every position read must be rewritten
     # other rows, chunks of different lengths in one call (so padded), a first chunk beside a continuation
     model.prefill([long_ids[:5]], [2])
     model.prefill([long_ids[5:12], short_ids[:3]], [2, 0], [5, 0])
     last = model.prefill([long_ids[12:], short_ids[3:]], [2, 0], [12, 3])
     torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.kv_cache[:, :, 2, :, :len(long_ids)], cache[:, :, 0, :, :len(long_ids)])
-    torch.testing.assert_close(model.kv_cache[:, :, 0, :, :len(short_ids)], cache[:, :, 1, :, :len(short_ids)])
+    after = stacked_cache(model)
+    torch.testing.assert_close(after[:, :, 2, :, :len(long_ids)], cache[:, :, 0, :, :len(long_ids)])
+    torch.testing.assert_close(after[:, :, 0, :, :len(short_ids)], cache[:, :, 1, :, :len(short_ids)])
 
 
 def test_chunked_prefill_takes_turns_with_decoding_and_changes_no_answer(model_and_tokenizer):
