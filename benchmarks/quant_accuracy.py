@@ -1,6 +1,6 @@
 """W8A8 and weight-only accuracy against float on a random checkpoint with planted activation outliers.
 
-    python -m benchmarks.quant_accuracy [--work_dir DIR] [--hidden_size 512] [--num_layers 4]
+    python -m benchmarks.quant_accuracy [--work_dir DIR] [--hidden_size 512] [--num_layers 4] [--weight_only]
 
 Random weights at the usual init scale (std 1/sqrt(fan_in), so every layer matters to the logits), and, as real LLMs
 have, a few hidden channels 50x larger than the rest: the RMSNorm weights of those channels are scaled by 50 in every
@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "quant_accuracy.json"))
+    parser.add_argument("--weight_only", action="store_true",
+                        help="only the weight-only and peer rows (W8A8's take most of an hour at full width)")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="quant_accuracy_"))
     ckpt = work / "ckpt"
@@ -206,16 +208,18 @@ def main() -> None:
 
     rows = {"float bf16 (for scale)": compare(reference, logits(
         ChatGLM2ForCausalLM.from_pretrained(ckpt, device="cpu", dtype=torch.bfloat16), prompts).float())}
-    variants = {"W8A8 minmax": dict(smooth=False), "W8A8 minmax + smoothing": dict(smooth=True),
+    variants = {} if args.weight_only else {"W8A8 minmax": dict(smooth=False), "W8A8 minmax + smoothing": dict(smooth=True),
                 "W8A8 percentile 99.99": dict(smooth=False, percentile=99.99),
                 "W8A8 percentile 99.99 + smoothing": dict(smooth=True, percentile=99.99)}
     for name, options in variants.items():
         quant_dir = work / name.replace(" ", "_").replace("+", "").replace(".", "")
         export(ckpt, calibration, quant_dir, show_progress=False, **options)
         rows[name] = compare(reference, quantized_logits(ckpt, quant_dir, prompts, torch.float32))
-    rows["W8A8 minmax + smoothing, bf16 activations"] = compare(
-        reference, quantized_logits(ckpt, work / "W8A8_minmax__smoothing", prompts, torch.bfloat16))
-    for name, pattern in (("sparse 50% unstructured", "unstructured"), ("sparse 2:4", "2:4")):
+    if variants:
+        rows["W8A8 minmax + smoothing, bf16 activations"] = compare(
+            reference, quantized_logits(ckpt, work / "W8A8_minmax__smoothing", prompts, torch.bfloat16))
+    sparse = {} if args.weight_only else {"sparse 50% unstructured": "unstructured", "sparse 2:4": "2:4"}
+    for name, pattern in sparse.items():
         quant_dir = work / name.replace(" ", "_").replace("%", "").replace(":", "_")
         export(ckpt, calibration, quant_dir, show_progress=False, sparse_pattern=pattern)
         compress_dir = quant_dir.with_name(quant_dir.name + "_compressed")
