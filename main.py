@@ -10,7 +10,7 @@ from pathlib import Path
 
 from chatglm2 import collectives, settings
 from chatglm2.ceval import prepare_evaluation, run_precision_dataset
-from chatglm2.chat_modes import cli_demo, precision_single, single_max_new_tokens
+from chatglm2.chat_modes import cli_demo, precision_single, single_max_new_tokens, single_prompt
 from chatglm2.cli import ArgumentParser, add_model_args, load_model, open_checkpoint, run_cli
 from chatglm2.errors import InputError
 from chatglm2.performance import check_output_file, run_performance
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = open_checkpoint(args)
     tokenizer = checkpoint.tokenizer
     if args.mode == "precision_single":
-        single_max_new_tokens(tokenizer, settings.max_seq_len())
+        single_max_new_tokens(single_prompt(tokenizer), settings.max_seq_len())
     elif args.mode == "precision_dataset":
         evaluation = prepare_evaluation(tokenizer, args.ceval_dataset, args.precision_output_file,
                                         settings.max_seq_len(), args.skip_bad_lines, ceval_max_new_tokens)

@@ -25,10 +25,10 @@ def single_prompt(tokenizer) -> list[int]:
     return tokenizer.encode(tokenizer.build_prompt(SINGLE_QUESTION))
 
 
-def single_max_new_tokens(tokenizer, max_seq_len: int) -> int:
+def single_max_new_tokens(prompt_ids: list[int], max_seq_len: int) -> int:
     """The answer's budget: 512 tokens, or what MAX_SEQ_LEN leaves after the prompt; InputError when nothing is left.
     It needs the tokenizer only, so main.py asks before the model loads."""
-    max_new_tokens = min(SINGLE_MAX_NEW_TOKENS, max_seq_len - len(single_prompt(tokenizer)))
+    max_new_tokens = min(SINGLE_MAX_NEW_TOKENS, max_seq_len - len(prompt_ids))
     if max_new_tokens < 1:
         raise InputError(f"MAX_SEQ_LEN={max_seq_len} leaves no room to answer; export MAX_SEQ_LEN=1024")
     return max_new_tokens
@@ -36,8 +36,9 @@ def single_max_new_tokens(tokenizer, max_seq_len: int) -> int:
 
 def precision_single(model, tokenizer, batch: int) -> None:
     """The fixed question, `batch` copies, answered greedily."""
-    max_new_tokens = single_max_new_tokens(tokenizer, model.max_seq_len)
-    input_ids = torch.tensor([single_prompt(tokenizer)]).expand(batch, -1)  # tokenized once: every row is the same
+    prompt_ids = single_prompt(tokenizer)
+    max_new_tokens = single_max_new_tokens(prompt_ids, model.max_seq_len)
+    input_ids = torch.tensor([prompt_ids]).expand(batch, -1)  # tokenized once: every row is the same
     start = time.perf_counter()
     output_ids = model.generate(input_ids, max_new_tokens=max_new_tokens)
     elapsed = time.perf_counter() - start

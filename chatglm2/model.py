@@ -65,20 +65,18 @@ class SelfAttention(nn.Module):
         qkv = self.query_key_value(x).view(batch, seq, heads + 2 * groups, self.head_dim)
         q, k = ops.apply_rotary(qkv[:, :, :heads + groups], cos, sin).split([heads, groups], dim=2)  # one rotation
         k, v = k.transpose(1, 2), qkv[:, :, heads + groups:].transpose(1, 2)
+        k_cache, v_cache = layer_cache or (None, None)
         if attend.positions is not None and attend.cache_rows is not None:
             written, rows = attend.written, attend.cache_rows
             cache_rows, positions = rows[:, None].expand_as(attend.positions)[written], attend.positions[written]
-            k_cache, v_cache = layer_cache
             k_cache[cache_rows, :, positions] = k.transpose(1, 2)[written]
             v_cache[cache_rows, :, positions] = v.transpose(1, 2)[written]
             k, v = k_cache[rows, :, :attend.key_len], v_cache[rows, :, :attend.key_len]
         elif attend.positions is not None:
-            k_cache, v_cache = layer_cache
             k_cache[attend.rows, :, attend.positions] = k[:, :, 0]
             v_cache[attend.rows, :, attend.positions] = v[:, :, 0]
             k, v = k_cache[:batch, :, :attend.key_len], v_cache[:batch, :, :attend.key_len]
         elif attend.cache_rows is not None:
-            k_cache, v_cache = layer_cache
             k_cache[attend.cache_rows, :, :seq] = k
             v_cache[attend.cache_rows, :, :seq] = v
         out = self.dense(ops.attention(q, k, v, attend.mask))
