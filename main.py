@@ -13,6 +13,7 @@ from chatglm2.ceval import prepare_evaluation, run_precision_dataset
 from chatglm2.chat_modes import cli_demo, precision_single, single_max_new_tokens, single_prompt
 from chatglm2.cli import ArgumentParser, add_model_args, load_model, open_checkpoint, run_cli
 from chatglm2.errors import InputError
+from chatglm2.kv_pool import full_length_tokens
 from chatglm2.performance import check_output_file, run_performance
 
 MODES = ("precision_single", "precision_dataset", "performance", "cli_demo")
@@ -59,9 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def kv_slots(args: argparse.Namespace) -> int:
-    """Sequences the mode keeps in the KV cache at once: --batch rows, or the one conversation of cli_demo."""
-    return 1 if args.mode == "cli_demo" else args.batch
+def kv_cache_tokens(args: argparse.Namespace) -> int:
+    """The KV cache the mode uses: MAX_SEQ_LEN for each of --batch rows, or for the one conversation of cli_demo."""
+    return full_length_tokens(1 if args.mode == "cli_demo" else args.batch, settings.max_seq_len())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                                         settings.max_seq_len(), args.skip_bad_lines, ceval_max_new_tokens)
     elif args.mode == "performance":
         check_output_file(Path(args.performance_output_file))
-    model = load_model(args, checkpoint, kv_slots(args))
+    model = load_model(args, checkpoint, kv_cache_tokens(args))
     if args.mode == "precision_single":
         precision_single(model, tokenizer, args.batch)
     elif args.mode == "cli_demo":

@@ -36,7 +36,7 @@ from tests.reference_glm import glm_reference
 
 PROMPTS = ["你好", "今天天气怎么样？请问明天会下雨吗", "Write a short poem about the sea.", "1+1=?"]
 SMALL = dict(num_layers=3, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8, kv_channels=32)  # int4 groups fit
-SPEED_SHAPES = [(1, 128, 128), (8, 128, 128), (1, 8192, 1024), (8, 8192, 256)]
+SPEED_SHAPES = [(1, 128, 128), (8, 128, 128), (32, 128, 128), (1, 8192, 1024), (8, 8192, 256), (32, 8192, 64)]
 QUICK_SHAPES = [(1, 32, 16), (4, 32, 16)]
 
 

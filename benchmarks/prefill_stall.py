@@ -10,19 +10,16 @@ of the streaming answers, from the arrival to their first token after the long p
 prompt's time to first token; the streams' tokens/s over that time. A timeline chart shows each setting's streamed
 tokens against time. Results go to benchmarks/results/prefill_stall.{json,md,png}.
 """
-import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import benchmark_parser, save_chart, write_results
 from benchmarks.run_suite import ensure_checkpoint, wait_until_quiet
-from chatglm2.atomic import atomic_file, write_text_atomic
 from chatglm2.engine import Engine, SamplingParams
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(model, streams: int, warmup: int, prompt_len: int, chunk: int | None) -> dict:
@@ -65,22 +62,15 @@ def chart(report: dict, path: Path) -> None:
     axis.set_title(f"max_prefill_tokens: whole prefill against chunks ({report['checkpoint']})")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", help="default: a random checkpoint of the full width, bench_ckpt_full_L4/")
-    parser.add_argument("--num_layers", type=int, default=4)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=4, help="tokens each stream has before the prompt arrives")
     parser.add_argument("--prompt_len", type=int, default=2048)
     parser.add_argument("--chunks", default="none,512,256", help="max_prefill_tokens settings, comma-separated")
-    parser.add_argument("--max_wait_quiet", type=float, default=60)
-    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     ensure_checkpoint(args)
     model = ChatGLM2ForCausalLM.from_pretrained(args.model_path, max_seq_len=args.prompt_len + 512)
@@ -97,13 +87,7 @@ def main() -> None:
     for name, r in report["runs"].items():
         lines.append(f"| {name} | {r['longest_gap_s']:.2f} | {r['long_prompt_ttft_s']:.2f} | "
                      f"{r['stream_tokens_per_s']:.1f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(results / "prefill_stall.json", json.dumps(report, indent=1) + "\n")
-    write_text_atomic(results / "prefill_stall.md", table)
-    chart(report, results / "prefill_stall.png")
+    write_results(args.results_dir, "prefill_stall", report, "\n".join(lines) + "\n", chart)
 
 
 if __name__ == "__main__":

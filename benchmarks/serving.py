@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.report import benchmark_parser, save_chart, write_results
 from benchmarks.run_suite import ensure_checkpoint, wait_until_quiet
-from chatglm2.atomic import atomic_file, write_text_atomic
 from chatglm2.random_checkpoint import CORPUS
 from chatglm2.tokenizer import ChatGLM2Tokenizer
 
@@ -143,7 +143,7 @@ def chart(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    names = list(SETUPS)
+    names = [name for name in SETUPS if f"{name} / poisson" in report["runs"]]
     for offset, kind in ((-0.2, "all at once"), (0.2, "poisson")):
         runs = [report["runs"][f"{name} / {kind}"] for name in names]
         x = [i + offset for i in range(len(names))]
@@ -159,10 +159,7 @@ def chart(report: dict, path: Path) -> None:
         axis.grid(True, axis="y", alpha=0.3)
         axis.legend(fontsize=8)
     fig.suptitle(f"openai_api.py, {report['requests']} requests ({report['checkpoint']})")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_chart(fig, path)
 
 
 def table(report: dict) -> str:
@@ -170,17 +167,17 @@ def table(report: dict) -> str:
             "|---|---|---|---|---|---|"]
     for name in SETUPS:
         for kind in ("all at once", "poisson"):
-            r, base = report["runs"][f"{name} / {kind}"], report["runs"][f"one-at-a-time / {kind}"]
-            rows.append(f"| {name} | {kind} | {r['output_tokens_per_s']:.1f} | "
-                        f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f} | "
+            r, base = report["runs"].get(f"{name} / {kind}"), report["runs"].get(f"one-at-a-time / {kind}")
+            if r is None:  # a setup left out with --setups
+                continue
+            ratio = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}" if base else "-"
+            rows.append(f"| {name} | {kind} | {r['output_tokens_per_s']:.1f} | {ratio} | "
                         f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['tpot_ms_p50']:.1f} / {r['tpot_ms_p99']:.1f} |")
     return "\n".join(rows) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", help="default: a random checkpoint of the full width, bench_ckpt_full_L4/")
-    parser.add_argument("--num_layers", type=int, default=4)
+    parser = benchmark_parser(__doc__, max_wait_quiet=120)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prompt_min", type=int, default=32)
     parser.add_argument("--prompt_max", type=int, default=512)
@@ -189,8 +186,6 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--max_wait_quiet", type=float, default=120, help="seconds to wait for a quiet machine")
-    parser.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--setups", default=",".join(SETUPS),
                         help="run only these; the others' runs are kept from serving.json when its trace is this one")
     args = parser.parse_args()
@@ -219,10 +214,7 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=120)
-    write_text_atomic(results_dir / "serving.json", json.dumps(report, indent=1) + "\n")
-    write_text_atomic(results_dir / "serving.md", table(report))
-    chart(report, results_dir / "serving.png")
-    print(table(report))
+    write_results(results_dir, "serving", report, table(report), chart)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from chatglm2.compiled import COMPILE_MODES
 from chatglm2.device import DEVICE_KINDS, select_device, set_cpu_threads
 from chatglm2.engine import Engine
 from chatglm2.errors import InputError
+from chatglm2.kv_pool import full_length_tokens
+from chatglm2.memory import DEFAULT_KV_CACHE_MEMORY, kv_cache_tokens_in
 from chatglm2.tokenizer import ChatGLM2Tokenizer
 from chatglm2.weight_only import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, describe
 from chatglm2.weight_only_linear import GROUP_SIZES
@@ -117,9 +119,9 @@ def open_checkpoint(args: argparse.Namespace) -> Checkpoint:
     return Checkpoint(device, tp_rank, ChatGLM2Tokenizer.from_pretrained(args.model_path))
 
 
-def load_model(args: argparse.Namespace, checkpoint: Checkpoint, kv_slots: int):
-    """This rank's model, for a KV cache of kv_slots sequences: the weights and that cache are checked against the
-    free memory together before any weight is read."""
+def load_model(args: argparse.Namespace, checkpoint: Checkpoint, kv_cache_tokens: int):
+    """This rank's model, for a KV cache of kv_cache_tokens tokens: the weights and that cache are checked against
+    the free memory together before any weight is read."""
     tp_rank = checkpoint.tp_rank
     model = model_class(args.model_file).from_pretrained(
         args.model_path, device=checkpoint.device, dtype=DTYPES[args.dtype], tp_rank=tp_rank, tp_size=args.tp_size,
@@ -127,7 +129,7 @@ def load_model(args: argparse.Namespace, checkpoint: Checkpoint, kv_slots: int):
         quantize_output_layer=None if args.quantize_output_layer == "none" else args.quantize_output_layer,
         quantize_attention=args.quantize_attention,
         quantize_activations=None if args.quantize_activations == "none" else args.quantize_activations,
-        kv_slots=kv_slots)
+        kv_cache_tokens=kv_cache_tokens)
     if tp_rank == 0:
         print(f"loaded {args.model_path} on {checkpoint.device} ({str(model.dtype).removeprefix('torch.')}"
               f"{describe(model)}, tp_size {args.tp_size}, MAX_SEQ_LEN {model.max_seq_len})", flush=True)
@@ -138,6 +140,16 @@ def port_number(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1 to 65535)")
     return int(text)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -152,8 +164,19 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int, default_
                         help="address to listen on; 0.0.0.0 opens the server to the network")
     parser.add_argument("--server_port", type=port_number, default=default_port)
     parser.add_argument("--max_batch", type=positive_int, default=default_max_batch,
-                        help=f"requests answered at once, each in its own KV-cache slot (default {default_max_batch}); "
-                             f"the cache takes max_batch x MAX_SEQ_LEN x 28 KiB for ChatGLM2-6B in fp16")
+                        help=f"requests answered at once (default {default_max_batch}): the rows of a decode step")
+    parser.add_argument("--kv_cache_tokens", type=positive_int, default=None,
+                        help="the KV cache pool in tokens, shared by the requests as they grow (default: env "
+                             "KV_CACHE_TOKENS; else on a GPU or NPU what --kv_cache_memory gives, on a CPU max_batch x "
+                             "MAX_SEQ_LEN, room for every request at full length); 28 KiB per token for ChatGLM2-6B "
+                             "in fp16")
+    parser.add_argument("--kv_cache_memory", type=fraction, default=None,
+                        help=f"size the pool as this fraction of the memory free once the weights are loaded (default "
+                             f"{DEFAULT_KV_CACHE_MEMORY} on a GPU or NPU, as vLLM's gpu_memory_utilization; on a CPU "
+                             f"only when given; --kv_cache_tokens wins)")
+    parser.add_argument("--no_prefix_caching", action="store_true",
+                        help="prefill every prompt whole, rather than reusing the cached blocks of a prefix seen "
+                             "before (an earlier turn of the conversation, a shared system prompt)")
     parser.add_argument("--max_prefill_tokens", type=positive_int, default=None,
                         help="prompt tokens one prefill takes at most (default: whole prompts); longer prompts go in "
                              "chunks, taking turns with the decode steps of the answers already streaming, so a long "
@@ -171,6 +194,29 @@ def check_port_free(host: str, port: int) -> None:
                              f"pick a free port with --server_port") from None
 
 
+def kv_cache_plan(args: argparse.Namespace, device: torch.device) -> tuple[int | None, float | None]:
+    """The servers' pool: (tokens, None) for --kv_cache_tokens, KV_CACHE_TOKENS, or on a CPU max_batch full-length
+    sequences; (None, fraction) for one sized by --kv_cache_memory (by default on a GPU or NPU) once loaded."""
+    tokens = args.kv_cache_tokens or settings.kv_cache_tokens()
+    if tokens:
+        return tokens, None
+    if args.kv_cache_memory or device.type != "cpu":
+        return None, args.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+    return full_length_tokens(args.max_batch, settings.max_seq_len()), None
+
+
+def memory_sized_kv_cache(model, fraction: float, tp_size: int) -> int:
+    """The KV cache that `fraction` of the free memory holds on every rank (rank 0 hands out blocks that every rank
+    must have); refused when it is less than one sequence of MAX_SEQ_LEN."""
+    tokens = -int(collectives.all_ranks_max(-kv_cache_tokens_in(fraction, model.config, tp_size, model.dtype,
+                                                                 model.device)))
+    if tokens < model.max_seq_len:
+        raise InputError(f"--kv_cache_memory {fraction} of the free memory holds a KV cache of {tokens} tokens, less "
+                         f"than one sequence of MAX_SEQ_LEN={model.max_seq_len}; raise it, lower MAX_SEQ_LEN or give "
+                         f"--kv_cache_tokens")
+    return tokens
+
+
 def ignore_stop_signals() -> None:
     """Under torchrun the other ranks leave when rank 0 says so, never mid-collective."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -180,15 +226,22 @@ def ignore_stop_signals() -> None:
 def serve(args: argparse.Namespace, run_server: Callable[[Engine, ChatGLM2Tokenizer], None],
           max_waiting: int | None = None) -> None:
     """The life of a server command (web_demo.py, openai_api.py): the port, then the memory for the weights and the
-    KV cache of --max_batch slots, checked before the model loads; then an engine of --max_batch slots. Rank 0 runs
+    KV cache (--kv_cache_tokens), checked before the model loads; then an engine of --max_batch rows. Rank 0 runs
     run_server(engine, tokenizer) while the engine's thread answers; the other ranks follow the engine's plan; when
     run_server returns, everything stops together."""
     rank0 = collectives.launched_rank() == 0
     if rank0:
         check_port_free(args.server_name, args.server_port)
     checkpoint = open_checkpoint(args)
-    model, tokenizer = load_model(args, checkpoint, args.max_batch), checkpoint.tokenizer
-    engine = Engine(model, args.max_batch, tokenizer, max_waiting, args.max_prefill_tokens)
+    kv_cache_tokens, memory_fraction = kv_cache_plan(args, checkpoint.device)
+    # a pool sized by the memory left after the weights needs room for one sequence at least
+    model = load_model(args, checkpoint, kv_cache_tokens or full_length_tokens(1, settings.max_seq_len()))
+    if kv_cache_tokens is None:
+        kv_cache_tokens = memory_sized_kv_cache(model, memory_fraction, args.tp_size)
+    engine = Engine(model, args.max_batch, checkpoint.tokenizer, max_waiting, args.max_prefill_tokens,
+                    kv_cache_tokens, prefix_caching=not args.no_prefix_caching)
+    if rank0:
+        print(model.kv_cache_summary(), flush=True)
     if not rank0:
         # Ctrl+C and torchrun's SIGTERM reach every rank; these leave when rank 0 says so, never mid-collective.
         ignore_stop_signals()
@@ -199,7 +252,7 @@ def serve(args: argparse.Namespace, run_server: Callable[[Engine, ChatGLM2Tokeni
     worker = threading.Thread(target=engine.serve_forever, args=(stopping,), name="engine")
     worker.start()
     try:
-        run_server(engine, tokenizer)
+        run_server(engine, checkpoint.tokenizer)
     finally:
         ignore_stop_signals()  # the terminal's and torchrun's signals come in pairs: let the second not cut this short
         stopping.set()  # ends the answers in progress; then the other ranks stop too

@@ -1,18 +1,23 @@
 """The continuous-batching engine that every mode, the web demo and the OpenAI server run on.
 
-A fixed number of slots (max_batch), each a row of the model's preallocated KV cache. Each iteration either admits
-waiting requests into free slots (one prefill of their prompts) or runs one decode step for every active slot; a
-finished or cancelled request frees its slot at once, and the next waiting one takes it. A request's greedy answer
-does not depend on what else is running: each row attends only to its own cache row.
+The KV cache is a pool of blocks (kv_pool.py). Each iteration either admits waiting requests, oldest first, while
+fewer than max_batch run and the pool has blocks for their prompts (one prefill of the prompts), or runs one decode
+step for every request that has its prompt in the cache. A request first looks up its prompt's full blocks among the
+cached ones (a shared system prompt, the earlier turns of a conversation, a question's common preamble) and prefills
+only the rest. A finished or cancelled request gives its blocks back at once, and the next waiting one can take them.
+When a decode step needs a block and none is left, the request admitted last is preempted: its blocks go back and it
+waits at the head of the queue, to be prefilled again with the tokens it has so far (recompute, as vLLM does). A
+request's greedy answer does not depend on what else is running: each sequence attends only to its own blocks.
 
 With max_prefill_tokens, a prefill takes at most that many prompt tokens (a long prompt goes in chunks, each
-continuing its cache row), and while any request is decoding, prefills and decode steps take turns: a long prompt
+continuing its sequence's blocks), and while any request is decoding, prefills and decode steps take turns: a long prompt
 arriving delays the tokens of the others by one chunk's time at most, not by its whole prefill.
 
-Under tensor parallel, rank 0 schedules. Each iteration it broadcasts the plan (admissions with their prompt ids, or
-the decode rows with their tokens and positions, and the cancellations), every rank runs the same forward pass, and
-rank 0 broadcasts the sampled tokens and finished requests, so requests submitted on every rank (generate) end alike
-on every rank, and a server's other ranks just follow.
+Under tensor parallel, rank 0 schedules and owns the pool's bookkeeping. Each iteration it broadcasts the plan (the
+prompt chunks to prefill, or the decode rows with their tokens and positions, with their block tables, and the
+cancellations), every rank runs the same forward pass, and rank 0 broadcasts the sampled tokens and finished
+requests, so requests submitted on every rank (generate) end alike on every rank, and a server's other ranks just
+follow.
 """
 import itertools
 import queue
@@ -27,6 +32,7 @@ import torch
 
 from chatglm2 import collectives, sampling
 from chatglm2.errors import InputError
+from chatglm2.kv_pool import BLOCK_SIZE, block_hashes, blocks_for, full_length_tokens, padded_block_tables
 
 IDLE_HEARTBEAT_S = 30.0  # an idle server's rank 0 plans an empty step this often, so no collective times out
 
@@ -61,12 +67,15 @@ class Request:
         self.updates: queue.SimpleQueue = queue.SimpleQueue()
         self.on_update = on_update
         self.cancelled = threading.Event()
-        self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens in the KV cache so far
+        self.prefill_ids = self.prompt_ids  # what a prefill computes: the prompt, or after preemption what came so far
+        self.prefilled = 0  # tokens of prefill_ids in the KV cache so far
+        self.cached_tokens = 0  # of them, found in the cache (a prefix hit) when it was admitted
+        self.blocks: list[int] = []  # its block table
+        self.hashes: list[bytes] = []  # the hashes of its full blocks so far (kv_pool.block_hashes)
         self.generator: torch.Generator | None = None
 
     def cancel(self) -> None:
-        """Stop answering; the slot is freed at the start of the next iteration."""
+        """Stop answering; its blocks are freed at the start of the next iteration."""
         self.cancelled.set()
 
     @property
@@ -75,7 +84,12 @@ class Request:
 
     @property
     def prefill_done(self) -> bool:
-        return self.prefilled == len(self.prompt_ids)
+        return self.prefilled == len(self.prefill_ids)
+
+    @property
+    def position(self) -> int:
+        """Where a decode step writes its last token."""
+        return len(self.prompt_ids) + len(self.tokens) - 1
 
     def stream(self) -> Iterator[int]:
         """The new token ids as they come (for a consumer in another thread than the engine's)."""
@@ -88,34 +102,32 @@ class Request:
             self.on_update()
 
 
-def decode_position(request: Request | None) -> int:
-    """Where a decode step writes a cache row's key: after its last token; for a free row 0; for a row whose prompt
-    is still being prefilled, the position its next chunk overwrites (a decode step writes every row it spans)."""
-    if request is None:
-        return 0
-    if not request.prefill_done:
-        return request.prefilled
-    return len(request.prompt_ids) + len(request.tokens) - 1
-
-
 class Engine:
     def __init__(self, model, max_batch: int, tokenizer=None, max_waiting: int | None = None,
-                 max_prefill_tokens: int | None = None):
+                 max_prefill_tokens: int | None = None, kv_cache_tokens: int | None = None,
+                 prefix_caching: bool = True):
+        """max_batch: requests running at once (rows of a decode step); kv_cache_tokens: the pool's size (default
+        max_batch x MAX_SEQ_LEN, the most they can hold); prefix_caching: reuse cached blocks of earlier prompts."""
         if max_batch < 1:
             raise InputError(f"the number of slots must be at least 1, got {max_batch}")
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise InputError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
-        model.allocate_kv_cache(max_batch)
+        if kv_cache_tokens is not None and kv_cache_tokens < 1:
+            raise InputError(f"kv_cache_tokens must be at least 1, got {kv_cache_tokens}")
+        model.allocate_kv_cache(kv_cache_tokens or full_length_tokens(max_batch, model.max_seq_len), max_batch)
         self.model, self.max_batch, self.tokenizer, self.max_waiting = model, max_batch, tokenizer, max_waiting
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens, self.prefix_caching = max_prefill_tokens, prefix_caching
+        self.pool = model.kv_blocks
         self.last_plan = "idle"
-        self.slots: list[Request | None] = [None] * max_batch
+        self.running: list[Request] = []  # in the order they were admitted (rank 0)
         self.waiting: deque[Request] = deque()
         self.requests: dict[int, Request] = {}  # every unfinished request known on this rank
         self.ids = itertools.count()
         self.lock = threading.Condition()
         self.rank0, self.tp = collectives.is_rank0(), collectives.is_tp()
         self.finished_count: Counter[str] = Counter()  # finish reasons so far, for a server's /health
+        self.preemptions = 0
+        self.generated_tokens = 0
 
     # ------------------------------------------------------------------------------------------------- requests
 
@@ -131,6 +143,10 @@ class Engine:
         if needed > self.model.max_seq_len:
             raise InputError(f"a prompt of {len(prompt_ids)} tokens plus {params.max_new_tokens} new tokens exceeds "
                              f"MAX_SEQ_LEN={self.model.max_seq_len}; shorten it or export MAX_SEQ_LEN={needed}")
+        if needed - 1 > self.pool.capacity_tokens:  # the last new token is never written
+            raise InputError(f"a prompt of {len(prompt_ids)} tokens plus {params.max_new_tokens} new tokens needs more "
+                             f"than the KV cache's {self.pool.capacity_tokens} tokens; shorten it or raise "
+                             f"--kv_cache_tokens (KV_CACHE_TOKENS)")
         if params.stop and self.tokenizer is None:
             raise InputError("stop strings need an engine with a tokenizer")
         with self.lock:
@@ -143,11 +159,17 @@ class Engine:
         return request
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(self.slots)
+        return bool(self.waiting) or bool(self.running)
 
     def stats(self) -> dict:
-        return {"slots": self.max_batch, "active": sum(r is not None for r in self.slots),
-                "waiting": len(self.waiting), "finished": dict(self.finished_count)}
+        return {"max_batch": self.max_batch, "running": len(self.running), "waiting": len(self.waiting),
+                "finished": dict(self.finished_count), "preemptions": self.preemptions,
+                "generated_tokens": self.generated_tokens, "kv_cache": self.pool.stats()}
+
+    def close(self) -> None:
+        """Cancel every request at once and give its blocks back (for a caller that stops iterating early)."""
+        for rid in list(self.requests):
+            self._finish(rid, "cancelled")
 
     # ------------------------------------------------------------------------------------------------- iterations
 
@@ -165,6 +187,7 @@ class Engine:
         result = self._sample(plan, logits) if self.rank0 else None
         if self.tp:
             result = collectives.broadcast_object(result)
+        self.generated_tokens += len(result["tokens"])
         for rid, token in result["tokens"].items():
             if rid in self.requests:
                 self.requests[rid].tokens.append(token)
@@ -174,61 +197,115 @@ class Engine:
         return plan["kind"]
 
     def _plan(self) -> dict:
-        """Rank 0: drop cancelled requests and admit waiting ones into free slots; then prefill the prompts not yet in
-        the cache (oldest first, up to max_prefill_tokens), unless the last iteration was a prefill and some request
-        is decoding; else decode every decoding slot."""
+        """Rank 0: drop cancelled requests and admit waiting ones; then prefill the prompts not yet in the cache
+        (oldest first, up to max_prefill_tokens), unless the last iteration was a prefill and some request is
+        decoding; else decode every request whose prompt is in the cache."""
         with self.lock:
-            cancelled = [r.id for r in [*self.waiting, *filter(None, self.slots)] if r.cancelled.is_set()]
+            cancelled = [r.id for r in [*self.waiting, *self.running] if r.cancelled.is_set()]
             self.waiting = deque(r for r in self.waiting if not r.cancelled.is_set())
-            self.slots = [None if r is not None and r.cancelled.is_set() else r for r in self.slots]
-            free = [slot for slot, r in enumerate(self.slots) if r is None]
-            admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-        for request, slot in zip(admitted, free):
-            request.slot, self.slots[slot] = slot, request
-            if request.params.do_sample:
-                seed = random.randrange(2 ** 63) if request.params.seed is None else request.params.seed
-                request.generator = torch.Generator(self.model.device).manual_seed(seed)
-        pending = sorted((r for r in self.slots if r is not None and not r.prefill_done), key=lambda r: r.id)
-        decoding = any(r is not None and r.prefill_done for r in self.slots)
+            for request in [r for r in self.running if r.cancelled.is_set()]:
+                self._release(request)
+            while self.waiting and len(self.running) < self.max_batch and self._admit(self.waiting[0]):
+                self.running.append(self.waiting.popleft())
+        pending = [r for r in self.running if not r.prefill_done]
+        decoding = any(r.prefill_done for r in self.running)
         if pending and not (decoding and self.last_plan == "prefill"):
             self.last_plan = "prefill"
             return self._prefill_plan(pending, cancelled)
-        occupied = [slot for slot, r in enumerate(self.slots) if r is not None]
-        if not decoding:
+        rows = self._decode_rows()
+        if not rows:
             self.last_plan = "idle"
             return {"kind": "idle", "cancelled": cancelled}
         self.last_plan = "decode"
-        rows = self.slots[:occupied[-1] + 1]
-        ready = [r if r is not None and r.prefill_done else None for r in rows]
-        positions = [decode_position(r) for r in rows]
-        return {"kind": "decode", "cancelled": cancelled, "rids": [r.id if r else None for r in ready],
-                "tokens": [r.tokens[-1] if r else 0 for r in ready], "positions": positions,
-                "uniform": all(ready) and len(set(positions)) == 1}
+        positions = [r.position for r in rows]
+        for request in rows:
+            if (request.position + 1) % BLOCK_SIZE == 0:
+                self._offer_blocks(request, request.prompt_ids + request.tokens)
+        return {"kind": "decode", "cancelled": cancelled, "rids": [r.id for r in rows],
+                "tokens": [r.tokens[-1] for r in rows], "positions": positions,
+                "tables": [r.blocks for r in rows], "uniform": len(set(positions)) == 1}
+
+    def _admit(self, request: Request) -> bool:
+        """Give a waiting request the blocks of its prefill: the cached ones of its prefix, and new ones for the rest
+        (keeping at least its last token to compute, whose logits give the next token); False if the pool has too
+        few."""
+        ids = request.prefill_ids
+        request.hashes = block_hashes(ids, request.hashes)
+        hits = self.pool.match(request.hashes[:(len(ids) - 1) // BLOCK_SIZE]) if self.prefix_caching else []
+        needed = blocks_for(len(ids)) - len(hits)
+        if self.pool.available() < needed:
+            self.pool.release(hits)
+            return False
+        self.pool.count_lookup(len(ids), len(hits) * BLOCK_SIZE)
+        request.blocks = hits + self.pool.take(needed)
+        request.prefilled = request.cached_tokens = len(hits) * BLOCK_SIZE
+        if request.params.do_sample and request.generator is None:
+            seed = random.randrange(2 ** 63) if request.params.seed is None else request.params.seed
+            request.generator = torch.Generator(self.model.device).manual_seed(seed)
+        return True
+
+    def _decode_rows(self) -> list[Request]:
+        """The requests to decode, each with a block for the position it writes: when the pool has none left, the
+        request admitted last is preempted (and may be one of these)."""
+        for request in [r for r in self.running if r.prefill_done]:
+            if request.position // BLOCK_SIZE < len(request.blocks):
+                continue
+            while self.pool.available() == 0 and request in self.running:
+                self._preempt(self.running[-1])
+            if request in self.running:
+                request.blocks += self.pool.take(1)
+        return [r for r in self.running if r.prefill_done]
+
+    def _preempt(self, request: Request) -> None:
+        """Give back a running request's blocks and queue it first, to be prefilled again with what it has so far;
+        its answer goes on as if nothing happened (its tokens and its sampler's state are kept)."""
+        with self.lock:
+            self._release(request)
+            request.prefill_ids = request.prompt_ids + request.tokens
+            request.prefilled = request.cached_tokens = 0
+            self.waiting.appendleft(request)
+        self.preemptions += 1
+
+    def _release(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        self.pool.release(request.blocks)
+        request.blocks = []
+
+    def _offer_blocks(self, request: Request, sequence: list[int]) -> None:
+        """Offer the request's blocks that `sequence` (what its cache holds after this iteration) fills for reuse."""
+        if self.prefix_caching:
+            request.hashes = block_hashes(sequence, request.hashes)
+            for block, block_hash in zip(request.blocks, request.hashes):
+                self.pool.register(block, block_hash)
 
     def _prefill_plan(self, pending: list[Request], cancelled: list[int]) -> dict:
         """The next chunk of each pending prompt, within max_prefill_tokens; only the rows whose prompt it completes
         are sampled (their rid is set)."""
-        budget = self.max_prefill_tokens or sum(len(r.prompt_ids) for r in pending)
+        budget = self.max_prefill_tokens or sum(len(r.prefill_ids) - r.prefilled for r in pending)
         chunks = []
         for request in pending:
             if budget == 0:
                 break
-            take = min(len(request.prompt_ids) - request.prefilled, budget)
+            take = min(len(request.prefill_ids) - request.prefilled, budget)
             chunks.append((request, request.prefilled, take))
             request.prefilled += take
             budget -= take
+            self._offer_blocks(request, request.prefill_ids[:request.prefilled])
         return {"kind": "prefill", "cancelled": cancelled,
                 "rids": [r.id if r.prefill_done else None for r, _, _ in chunks],
-                "rows": [r.slot for r, _, _ in chunks], "starts": [start for _, start, _ in chunks],
-                "prompts": [r.prompt_ids[start:start + take] for r, start, take in chunks]}
+                "tables": [r.blocks for r, _, _ in chunks], "starts": [start for _, start, _ in chunks],
+                "prompts": [r.prefill_ids[start:start + take] for r, start, take in chunks]}
 
     def _forward(self, plan: dict) -> torch.Tensor:
         if plan["kind"] == "prefill":
-            return self.model.prefill(plan["prompts"], plan["rows"], plan["starts"])
+            return self.model.prefill(plan["prompts"], plan["tables"], plan["starts"])
         device = self.model.device
+        key_len = max(plan["positions"]) + 1
         tokens = torch.tensor(plan["tokens"], device=device)
         positions = torch.tensor(plan["positions"], device=device)
-        return self.model.decode(tokens, positions, max(plan["positions"]) + 1, not plan["uniform"])
+        tables = padded_block_tables(plan["tables"], blocks_for(key_len), device)
+        return self.model.decode(tokens, positions, tables, key_len, not plan["uniform"])
 
     def _sample(self, plan: dict, logits: torch.Tensor) -> dict:
         """Rank 0: each request's next token with its own settings, and which requests this token finishes."""
@@ -264,8 +341,8 @@ class Engine:
             request = self.requests.pop(rid, None)
             if request is None:
                 return
-            if request.slot is not None and self.slots[request.slot] is request:
-                self.slots[request.slot] = None
+            if self.rank0:
+                self._release(request)
         request.finish_reason = reason
         self.finished_count[reason] += 1
         request._put(None)
@@ -288,6 +365,7 @@ class Engine:
                     traceback.print_exc()
                     for rid in list(self.requests):
                         self._finish(rid, "error")
+                    self.pool.forget()  # the failed pass may have left any block half-written
         for rid in list(self.requests):
             self._finish(rid, "cancelled")
         if self.tp:

@@ -17,8 +17,11 @@ from chatglm2.tokenizer import ChatGLM2Tokenizer
 
 def generate_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     do_sample: bool, temperature: float, top_p: float, top_k: int, eos_token_id: int | None,
-                    pad_token_id: int | None, ignore_eos: bool, seed: int | None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row [batch] per step; rows that finished get pad_token_id."""
+                    pad_token_id: int | None, ignore_eos: bool, seed: int | None,
+                    prefix_caching: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [batch] per step; rows that finished get pad_token_id. The model's KV pool
+    outlives the call, so with prefix_caching a later prompt that starts as this one (or as its answer's
+    continuation: the next turn of a chat) prefills only what is new."""
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise InputError("the prompt is empty; give at least one token")
@@ -30,18 +33,21 @@ def generate_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                          f"MAX_SEQ_LEN={model.max_seq_len}; shorten it or export MAX_SEQ_LEN={prompt_len + max_new_tokens}")
     pad_token_id = model.config.pad_token_id if pad_token_id is None else pad_token_id
     base_seed = collectives.broadcast_object(random.randrange(2 ** 62) if seed is None else seed) if do_sample else None
-    engine = Engine(model, batch)
+    engine = Engine(model, batch, prefix_caching=prefix_caching)
     requests = [engine.submit(row[keep.bool()].tolist(),
                               SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                              temperature=temperature, top_p=top_p, top_k=top_k,
                                              seed=None if base_seed is None else base_seed + i,
                                              eos_token_id=eos_token_id, ignore_eos=ignore_eos))
                 for i, (row, keep) in enumerate(zip(input_ids.cpu(), mask.cpu()))]
-    for step in range(max_new_tokens):
-        if all(r.finished and len(r.tokens) <= step for r in requests):
-            return
-        engine.step()
-        yield torch.tensor([r.tokens[step] if len(r.tokens) > step else pad_token_id for r in requests])
+    try:
+        for step in range(max_new_tokens):
+            if all(r.finished and len(r.tokens) <= step for r in requests):
+                return
+            engine.step()
+            yield torch.tensor([r.tokens[step] if len(r.tokens) > step else pad_token_id for r in requests])
+    finally:
+        engine.close()  # a caller that stops early leaves no block of the pool held
 
 
 def stream_chat(model, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[tuple[str, str]] | None,

@@ -19,7 +19,7 @@ from chatglm2.compiled import compile_enabled
 from chatglm2.config import ChatGLM2Config
 from chatglm2.device import default_dtype, select_device
 from chatglm2.errors import InputError
-from chatglm2.memory import GiB, check_fits, check_kv_cache_fits, kv_cache_bytes, module_bytes
+from chatglm2.memory import GiB, check_fits, check_kv_cache_fits, kv_cache_advice, kv_cache_bytes, module_bytes
 from chatglm2.ops import RMSNorm
 from chatglm2.quant_files import (DEQ, FLOAT, INT, INT8, NORM_FILE, PART_NAMES, check_quant_parts, decode_deq_scale,
                                   dict_file, layer_array, quantized_layer_names, read_dict)
@@ -36,12 +36,12 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
                     compress_path: str | Path | None, show_progress: bool, quantize: str | None = None,
                     group_size: int = DEFAULT_GROUP_SIZE, quantize_output_layer: str | None = "auto", compile: str = "auto",
                     quantize_attention: str = "auto", quantize_activations: str | None = None,
-                    kv_slots: int = 1) -> nn.Module:
+                    kv_cache_tokens: int | None = None) -> nn.Module:
     """ChatGLM2ForCausalLM.from_pretrained: every input checked (and the memory estimated) before the long load.
     quantize ("int8", "int4"), group_size, quantize_output_layer ("auto", "int8", "int4", None), quantize_attention
     ("auto", "int8", "int4") and quantize_activations ("int8", None): weight-only quantization at load
-    (weight_only.py); a THUDM quantized checkpoint loads as weight-only without quantize. kv_slots: the sequences
-    the KV cache will hold, checked with the weights."""
+    (weight_only.py); a THUDM quantized checkpoint loads as weight-only without quantize. kv_cache_tokens: the
+    size of the KV cache to check with the weights (default MAX_SEQ_LEN, one sequence)."""
     if not isinstance(device, torch.device):
         device = select_device(device or "auto", tp_rank)
     dtype = dtype or default_dtype(device)
@@ -61,13 +61,14 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
         check_compressed(compress_path, quant_path, tp_size)
     weights_dir = part_model_dir(path, tp_size, tp_rank) if tp_size > 1 else Path(path)
     quant_layers = quantized_layer_names(config) if quant_path else []
-    check_kv_cache_fits(config, kv_slots, max_seq_len, tp_size, dtype, device)
-    check_memory(cls, config, tp_size, max_seq_len, kv_slots, device, dtype, lower_bound=True)
+    kv_cache_tokens = kv_cache_tokens or max_seq_len
+    check_kv_cache_fits(config, kv_cache_tokens, max_seq_len, tp_size, dtype, device)
+    check_memory(cls, config, tp_size, max_seq_len, kv_cache_tokens, device, dtype, lower_bound=True)
     with torch.device("meta"):
         model = cls(config, tp_rank, tp_size, max_seq_len)
         use_quant_layers(model, quant_layers)
         use_weight_only_layers(model, weight_only, dtype)
-    check_memory(model, config, tp_size, max_seq_len, kv_slots, device, dtype)
+    check_memory(model, config, tp_size, max_seq_len, kv_cache_tokens, device, dtype)
     model.compile = compile_enabled(compile, device)
     load_float_weights(model, weights_dir, device, dtype, set(quant_layers), show_progress,
                        WeightOnlyLoader(model, weight_only, device, dtype, traceable=model.compile))
@@ -81,9 +82,9 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     return model.eval()
 
 
-def check_memory(model: nn.Module | type, config: ChatGLM2Config, tp_size: int, max_seq_len: int, kv_slots: int,
-                 device: torch.device, dtype: torch.dtype, lower_bound: bool = False) -> None:
-    """Weights, rotary tables and the KV cache of kv_slots sequences must fit together. With lower_bound, `model` is
+def check_memory(model: nn.Module | type, config: ChatGLM2Config, tp_size: int, max_seq_len: int,
+                 kv_cache_tokens: int, device: torch.device, dtype: torch.dtype, lower_bound: bool = False) -> None:
+    """Weights, rotary tables and a KV cache of kv_cache_tokens tokens must fit together. With lower_bound, `model` is
     the class and only one layer is built (on meta) and counted at half a byte per parameter, the least any weight
     format takes (int4): a config.json with an absurd num_layers is refused before a meta model of that size is
     built."""
@@ -93,14 +94,14 @@ def check_memory(model: nn.Module | type, config: ChatGLM2Config, tp_size: int, 
         weights = config.num_layers * module_bytes(one_layer.transformer.encoder.layers[0], torch.int8) // 2
     else:
         weights = module_bytes(model, dtype)
-    kv_cache = kv_cache_bytes(config, kv_slots, max_seq_len, tp_size, dtype)
+    kv_cache = kv_cache_bytes(config, kv_cache_tokens, tp_size, dtype)
     needed = weights + max_seq_len * ROPE_BYTES_PER_POSITION * config.kv_channels // 4 + kv_cache
-    lower_cache = f"lower MAX_SEQ_LEN (now {max_seq_len}) or the sequences at once (--batch, --max_batch; now {kv_slots})"
+    lower_cache = kv_cache_advice(kv_cache_tokens, max_seq_len)
     lower_weights = "use a quantized model or more tensor-parallel devices (or check num_layers in config.json)"
     # the larger part first: that is what to lower
     advice = f"{lower_cache}, or {lower_weights}" if kv_cache > weights else f"{lower_weights}, or {lower_cache}"
     check_fits(f"the model (weights{' at least' if lower_bound else ''} {weights / GiB:.2f} GiB, the KV cache of "
-               f"{kv_slots} sequence(s) of MAX_SEQ_LEN={max_seq_len} tokens {kv_cache / GiB:.2f} GiB)", needed, device,
+               f"{kv_cache_tokens} tokens {kv_cache / GiB:.2f} GiB)", needed, device,
                advice)
 
 

@@ -9,8 +9,10 @@ import torch.nn as nn
 
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
+from chatglm2.kv_pool import BLOCK_SIZE, blocks_for
 
 GiB = 2 ** 30
+DEFAULT_KV_CACHE_MEMORY = 0.9  # of an accelerator's memory free after the weights: the rest for activations, graphs
 
 
 def available_bytes(device: torch.device) -> int:
@@ -43,21 +45,33 @@ def module_bytes(module: nn.Module, dtype: torch.dtype) -> int:
         sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def kv_cache_shape(config: ChatGLM2Config, slots: int, max_seq_len: int, tp_size: int = 1) -> tuple[int, ...]:
-    """The preallocated cache of one rank: [layers, K/V, slots, this rank's KV groups, MAX_SEQ_LEN, head_dim]."""
-    return config.num_layers, 2, slots, config.rank_kv_groups(tp_size), max_seq_len, config.kv_channels
+def kv_pool_shape(config: ChatGLM2Config, tokens: int, tp_size: int = 1) -> tuple[int, ...]:
+    """The keys (or values) of one layer of one rank's pool for `tokens` tokens: [blocks x BLOCK_SIZE, this rank's KV
+    groups, head_dim], with one more block for padding (kv_pool.NULL_BLOCK)."""
+    return (blocks_for(tokens) + 1) * BLOCK_SIZE, config.rank_kv_groups(tp_size), config.kv_channels
 
 
-def kv_cache_bytes(config: ChatGLM2Config, slots: int, max_seq_len: int, tp_size: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes(config: ChatGLM2Config, tokens: int, tp_size: int, dtype: torch.dtype) -> int:
     """28 KiB per token for ChatGLM2-6B in fp16."""
-    return math.prod(kv_cache_shape(config, slots, max_seq_len, tp_size)) * dtype.itemsize
+    return config.num_layers * 2 * math.prod(kv_pool_shape(config, tokens, tp_size)) * dtype.itemsize
 
 
-def check_kv_cache_fits(config: ChatGLM2Config, slots: int, max_seq_len: int, tp_size: int, dtype: torch.dtype,
+def kv_cache_tokens_in(fraction: float, config: ChatGLM2Config, tp_size: int, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """The KV cache, in whole blocks, that `fraction` of the device's free memory holds (asked after the weights are
+    loaded, as vLLM's gpu_memory_utilization sizes its cache)."""
+    block_bytes = config.num_layers * 2 * config.rank_kv_groups(tp_size) * config.kv_channels * dtype.itemsize * BLOCK_SIZE
+    return max(int(fraction * available_bytes(device)) // block_bytes - 1, 0) * BLOCK_SIZE  # less the null block
+
+
+def kv_cache_advice(tokens: int, max_seq_len: int) -> str:
+    return (f"lower MAX_SEQ_LEN (now {max_seq_len}), the sequences at once (--batch, --max_batch) or a server's "
+            f"--kv_cache_tokens (KV_CACHE_TOKENS; now {tokens} tokens)")
+
+
+def check_kv_cache_fits(config: ChatGLM2Config, tokens: int, max_seq_len: int, tp_size: int, dtype: torch.dtype,
                         device: torch.device) -> None:
-    """InputError when the KV cache of `slots` sequences alone exceeds the free memory. It needs no model, so loading
+    """InputError when a KV cache of `tokens` tokens alone exceeds the free memory. It needs no model, so loading
     asks first, in a moment, whatever the size of the weights."""
-    check_fits(f"the KV cache of {slots} sequence(s) of MAX_SEQ_LEN={max_seq_len} tokens",
-               kv_cache_bytes(config, slots, max_seq_len, tp_size, dtype), device,
-               f"lower MAX_SEQ_LEN (now {max_seq_len}) or the sequences at once (--batch, --max_batch; now {slots}), "
-               f"or check num_layers in config.json (now {config.num_layers})")
+    check_fits(f"the KV cache of {tokens} tokens", kv_cache_bytes(config, tokens, tp_size, dtype), device,
+               f"{kv_cache_advice(tokens, max_seq_len)}, or check num_layers in config.json (now {config.num_layers})")

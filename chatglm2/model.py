@@ -2,9 +2,10 @@
 
 The module layout and parameter names mirror THUDM/chatglm2-6b, so a Hugging Face checkpoint (or a tensor-parallel
 part written by process_weights.py) loads by name. The heavy operators come from ops.py. A forward pass is one of:
-scoring (`forward`: a left-padded batch, no cache), a prefill (right-padded prompts written into rows of the KV
-cache) or a decode step (one token per cache row, static shapes: positions live in a tensor and the attention mask
-is built from them on the device, so the step can be compiled and captured in a CUDA graph).
+scoring (`forward`: a left-padded batch, no cache), a prefill (right-padded prompts written into their blocks of the
+paged KV pool, see kv_pool.py) or a decode step (one token per sequence, static shapes: positions and block tables
+live in tensors, and the pool slots to write and read and the attention mask are built from them on the device, so
+the step can be compiled and captured in a CUDA graph). Attention reads only the blocks of each row's live context.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from chatglm2.compiled import CompiledDecode
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
 from chatglm2.loading import load_pretrained
-from chatglm2.memory import check_kv_cache_fits, kv_cache_shape
+from chatglm2.kv_pool import BLOCK_SIZE, NULL_BLOCK, BlockPool, blocks_for, padded_block_tables
+from chatglm2.memory import check_kv_cache_fits, kv_pool_shape
 from chatglm2.ops import RMSNorm
 from chatglm2.tokenizer import ChatGLM2Tokenizer
 from chatglm2.weight_only import DEFAULT_GROUP_SIZE
@@ -26,23 +28,22 @@ from chatglm2.weight_only import DEFAULT_GROUP_SIZE
 
 @dataclass
 class Attend:
-    """How one forward pass's queries attend, and where their keys and values go.
+    """How one forward pass's queries attend, and where their keys and values go in the KV pool.
 
-    Scoring and prefill (positions None): over the pass's own keys, limited by `mask` (bool [batch, 1, seq, seq],
-    True = may attend) or causally when it is None; with `cache_rows` [batch] the keys and values are also written to
-    those rows of the KV cache at positions 0..seq-1. A later chunk of prompts (cache_rows and positions [batch, seq]):
-    the tokens where `written` [batch, seq] is True go to their positions of their cache rows, and every query attends
-    over positions 0..key_len-1 of its row, limited by `mask` (bool [batch, 1, seq, key_len]). Decode (positions
-    [batch], one token per row): row i's key and value go to position positions[i] of cache row i (rows [batch] =
-    0..batch-1), and it attends over cache positions 0..key_len-1 of its row, limited by `mask` (bool [batch, 1, 1,
-    key_len]), or all of them when mask is None.
+    The pool holds each layer's keys (and values) as [pool tokens, groups, head_dim]; a token's place in it is its
+    pool slot, block * BLOCK_SIZE + position % BLOCK_SIZE. write_slots [batch, seq]: where this pass's keys and values
+    go (None: nowhere, for scoring). read_slots [batch, key_len]: the keys each row attends over, read back from the
+    pool after the write (None: the pass's own keys). mask: bool [batch, 1, seq, key_len], True = may attend, or None
+    for causal attention (or, with read_slots, every key read).
     """
     mask: torch.Tensor | None = None
-    cache_rows: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
-    key_len: int = 0
-    written: torch.Tensor | None = None
+    write_slots: torch.Tensor | None = None
+    read_slots: torch.Tensor | None = None
+
+
+def pool_slots(block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The pool slots of `positions` [rows, n] of each row's sequence, from its block table [rows, blocks]."""
+    return block_tables.gather(1, positions // BLOCK_SIZE) * BLOCK_SIZE + positions % BLOCK_SIZE
 
 
 class SelfAttention(nn.Module):
@@ -64,22 +65,15 @@ class SelfAttention(nn.Module):
         heads, groups = self.num_heads, self.num_kv_groups
         qkv = self.query_key_value(x).view(batch, seq, heads + 2 * groups, self.head_dim)
         q, k = ops.apply_rotary(qkv[:, :, :heads + groups], cos, sin).split([heads, groups], dim=2)  # one rotation
-        k, v = k.transpose(1, 2), qkv[:, :, heads + groups:].transpose(1, 2)
-        k_cache, v_cache = layer_cache or (None, None)
-        if attend.positions is not None and attend.cache_rows is not None:
-            written, rows = attend.written, attend.cache_rows
-            cache_rows, positions = rows[:, None].expand_as(attend.positions)[written], attend.positions[written]
-            k_cache[cache_rows, :, positions] = k.transpose(1, 2)[written]
-            v_cache[cache_rows, :, positions] = v.transpose(1, 2)[written]
-            k, v = k_cache[rows, :, :attend.key_len], v_cache[rows, :, :attend.key_len]
-        elif attend.positions is not None:
-            k_cache[attend.rows, :, attend.positions] = k[:, :, 0]
-            v_cache[attend.rows, :, attend.positions] = v[:, :, 0]
-            k, v = k_cache[:batch, :, :attend.key_len], v_cache[:batch, :, :attend.key_len]
-        elif attend.cache_rows is not None:
-            k_cache[attend.cache_rows, :, :seq] = k
-            v_cache[attend.cache_rows, :, :seq] = v
-        out = self.dense(ops.attention(q, k, v, attend.mask))
+        v = qkv[:, :, heads + groups:]
+        k_pool, v_pool = layer_cache or (None, None)
+        if attend.write_slots is not None:
+            slots = attend.write_slots.flatten()
+            k_pool[slots] = k.flatten(0, 1)
+            v_pool[slots] = v.flatten(0, 1)
+        if attend.read_slots is not None:
+            k, v = k_pool[attend.read_slots], v_pool[attend.read_slots]
+        out = self.dense(ops.attention(q, k.transpose(1, 2), v.transpose(1, 2), attend.mask))
         return collectives.all_reduce_sum(out) if self.tp_size > 1 else out
 
 
@@ -155,6 +149,7 @@ class ChatGLM2ForCausalLM(nn.Module):
         self.max_seq_len = max_seq_len
         self.transformer = ChatGLM2Model(config, tp_size)
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (keys, values) of each layer
+        self.kv_blocks: BlockPool | None = None  # which blocks of kv_cache hold what
         self.compile = False  # whether allocate_kv_cache compiles (and on CUDA captures) the decode step
         self.compiled_decode: CompiledDecode | None = None
 
@@ -165,7 +160,7 @@ class ChatGLM2ForCausalLM(nn.Module):
                         show_progress: bool = False, compile: str = "auto", quantize: str | None = None,
                         group_size: int = DEFAULT_GROUP_SIZE, quantize_output_layer: str | None = "auto",
                         quantize_attention: str = "auto", quantize_activations: str | None = None,
-                        kv_slots: int = 1) -> "ChatGLM2ForCausalLM":
+                        kv_cache_tokens: int | None = None) -> "ChatGLM2ForCausalLM":
         """Load a checkpoint directory (HF layout); with tp_size > 1, this rank's part from process_weights.py.
 
         device: "auto" / "npu" / "cuda" / "cpu" / a torch.device (default: auto, using device index tp_rank);
@@ -182,13 +177,14 @@ class ChatGLM2ForCausalLM(nn.Module):
         query_key_value and self_attention.dense under quantize ("int8" with int4: more accurate, more bytes);
         quantize_activations="int8": int8 layers round each input row to 8 bits at run time (fbgemm's integer GEMM on
         x86 CPUs: faster, a little less accurate). See weight_only.py and weight_only_linear.py.
-        kv_slots: the sequences its KV cache will hold at once (a batch, a server's slots); their cache and the
-        weights must fit in the free memory together, which is checked before any weight is read.
+        kv_cache_tokens: the size of the KV cache it will use (default MAX_SEQ_LEN: one sequence; a batch needs
+        rows x MAX_SEQ_LEN); that cache and the weights must fit in the free memory together, which is checked
+        before any weight is read.
         """
         return load_pretrained(cls, path, device, dtype, tp_rank, tp_size, max_seq_len, quant_path, compress_path,
                                show_progress, compile=compile, quantize=quantize, group_size=group_size,
                                quantize_output_layer=quantize_output_layer, quantize_attention=quantize_attention,
-                               quantize_activations=quantize_activations, kv_slots=kv_slots)
+                               quantize_activations=quantize_activations, kv_cache_tokens=kv_cache_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -226,79 +222,94 @@ class ChatGLM2ForCausalLM(nn.Module):
         hidden = self.hidden_states(input_ids, positions, Attend(mask=padding_mask(mask)))
         return self.logits(hidden[:, -1:] if last_logit_only else hidden)
 
-    def allocate_kv_cache(self, slots: int) -> None:
-        """A preallocated cache, keys and values of each layer [slots, kv_groups, MAX_SEQ_LEN, head_dim], kept between
-        calls while its shape fits; its size is checked against the free memory first. Separate tensors, not views of
-        one: the compiled step then writes each in place, where a write into a view of a shared base makes inductor
-        copy the whole base every step (a step's time grew with MAX_SEQ_LEN)."""
-        layers, _, *shape = kv_cache_shape(self.config, slots, self.max_seq_len, self.tp_size)
-        if self.kv_cache is not None and list(self.kv_cache[0][0].shape) == shape \
-                and self.kv_cache[0][0].dtype == self.dtype:
-            return
-        self.kv_cache, self.compiled_decode = None, None
-        # from_pretrained checked the cache of kv_slots sequences with the weights; this one may be larger, and the
-        # memory now free is what counts
-        check_kv_cache_fits(self.config, slots, self.max_seq_len, self.tp_size, self.dtype, self.device)
-        self.kv_cache = [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
-                         for _ in range(layers)]
-        if self.compile:
-            self.compiled_decode = CompiledDecode(self, slots)
+    def allocate_kv_cache(self, tokens: int, max_rows: int) -> None:
+        """A pool of blocks for `tokens` tokens, keys and values of each layer [pool tokens, kv_groups, head_dim] (see
+        Attend), with its bookkeeping (kv_blocks); kept between calls of the same size, with the prefixes it caches
+        (the turns of a chat); its size is checked against the free memory first. With compile on, the decode step
+        compiled for up to max_rows rows. Separate tensors per layer, not views of one: the compiled step then writes
+        each in place, where a write into a view of a shared base makes inductor copy the whole base every step."""
+        shape = kv_pool_shape(self.config, tokens, self.tp_size)
+        if self.kv_cache is None or self.kv_cache[0][0].shape != shape or self.kv_cache[0][0].dtype != self.dtype:
+            self.kv_cache, self.kv_blocks, self.compiled_decode = None, None, None
+            # from_pretrained checked a cache with the weights; this one may be larger, and the memory now free counts
+            check_kv_cache_fits(self.config, tokens, self.max_seq_len, self.tp_size, self.dtype, self.device)
+            # zeros, not empty: a masked key's value still meets a zero weight, and 0 * NaN would be NaN
+            self.kv_cache = [tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+                             for _ in range(self.config.num_layers)]
+            self.kv_blocks = BlockPool(shape[0] // BLOCK_SIZE)
+        if self.compile and (self.compiled_decode is None or self.compiled_decode.max_rows < max_rows):
+            self.compiled_decode = CompiledDecode(self, max_rows)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int, masked: bool) -> torch.Tensor:
+    def kv_cache_summary(self) -> str:
+        """The pool's size in words, for the benchmarks' output."""
+        cache_bytes = sum(t.numel() * t.element_size() for pair in self.kv_cache for t in pair)
+        return (f"KV cache pool: {self.kv_blocks.num_blocks - 1} blocks of {BLOCK_SIZE} tokens "
+                f"({self.kv_blocks.capacity_tokens} tokens, {cache_bytes / 2 ** 20:.1f} MiB on this rank)")
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, key_len: int,
+               masked: bool) -> torch.Tensor:
         """decode_step, compiled and captured when the model was loaded with compile on."""
         if self.compiled_decode is not None:
-            return self.compiled_decode(tokens, positions, key_len)
-        return self.decode_step(tokens, positions, key_len, masked)
+            return self.compiled_decode(tokens, positions, block_tables, key_len)
+        return self.decode_step(tokens, positions, block_tables, key_len, masked)
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], cache_rows: Sequence[int],
+    def prefill(self, prompts: Sequence[Sequence[int]], block_tables: Sequence[Sequence[int]],
                 starts: Sequence[int] | None = None) -> torch.Tensor:
         """Run the prompts (right-padded, causal, so padding never reaches a real token) and write their keys and
-        values into `cache_rows` of the KV cache at positions 0..len-1; the logits [len(prompts), vocab] (fp32) of each
-        prompt's last token. With `starts`, each prompt is a chunk that continues its row at position starts[i],
-        after the chunks before it (written by earlier calls), so a long prompt can be prefilled in pieces."""
+        values into the pool blocks of their block tables; the logits [len(prompts), vocab] (fp32) of each prompt's
+        last token. With `starts`, each prompt continues its sequence at position starts[i], after the tokens before
+        it (written by earlier calls, or cached blocks of a shared prefix), whose keys it reads from the pool."""
         device = self.device
         width = max(len(prompt) for prompt in prompts)
         input_ids = torch.tensor([list(prompt) + [0] * (width - len(prompt)) for prompt in prompts], device=device)
         offsets = torch.arange(width, device=device)
-        rows = torch.tensor(list(cache_rows), device=device)
         lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
-        if starts is None or not any(starts):
-            positions, attend = offsets.expand(len(prompts), width), Attend(cache_rows=rows)
+        starts = list(starts or [0] * len(prompts))
+        key_len = max(start + len(prompt) for start, prompt in zip(starts, prompts))
+        tables = padded_block_tables(block_tables, blocks_for(key_len), device)
+        # a padding token takes its row's last real position (inside the rope table and the mask) and is written to
+        # the null block
+        positions = torch.minimum(offsets[None], lengths[:, None] - 1) + torch.tensor(starts, device=device)[:, None]
+        written = offsets[None] < lengths[:, None]
+        write_slots = torch.where(written, pool_slots(tables, positions), NULL_BLOCK * BLOCK_SIZE + offsets % BLOCK_SIZE)
+        if not any(starts):
+            attend = Attend(write_slots=write_slots)
         else:
-            # a padding token takes its row's last real position: inside the rope table and the mask, and not written
-            positions = torch.minimum(offsets[None], lengths[:, None] - 1) + torch.tensor(list(starts), device=device)[:, None]
-            key_len = max(start + len(prompt) for start, prompt in zip(starts, prompts))
-            mask = (torch.arange(key_len, device=device)[None, None] <= positions[:, :, None])[:, None]
-            attend = Attend(mask=mask, cache_rows=rows, positions=positions, key_len=key_len,
-                            written=offsets[None] < lengths[:, None])
+            keys = torch.arange(key_len, device=device)
+            mask = (keys[None, None] <= positions[:, :, None])[:, None]
+            attend = Attend(mask=mask, write_slots=write_slots,
+                            read_slots=pool_slots(tables, keys.expand(len(prompts), key_len)))
         hidden = self.hidden_states(input_ids, positions, attend)
         return self.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_len: int, masked: bool) -> torch.Tensor:
-        """One token for each of the first len(tokens) cache rows, at `positions`: the logits [rows, vocab] (fp32).
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, key_len: int,
+                    masked: bool) -> torch.Tensor:
+        """One token for each row, at `positions`, of the sequence whose blocks are in its row of block_tables [rows,
+        at least blocks_for(key_len)]: the logits [rows, vocab] (fp32). Each row attends over its positions
+        0..key_len-1 (masked to its own length unless masked=False, for rows that all sit at key_len - 1).
 
         Shapes depend only on the number of rows and key_len and nothing is read back to the host, so the step can
-        be compiled and captured. masked=False is for rows that all sit at position key_len - 1 (no mask needed).
-        Call it under torch.inference_mode(), as the engine does."""
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        be compiled and captured. Call it under torch.inference_mode(), as the engine does."""
         keys = torch.arange(key_len, device=tokens.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :] if masked else None
-        attend = Attend(mask=mask, positions=positions, rows=rows, key_len=key_len)
+        attend = Attend(mask=mask, write_slots=pool_slots(block_tables, positions[:, None]),
+                        read_slots=pool_slots(block_tables, keys.expand(tokens.shape[0], key_len)))
         return self.logits(self.hidden_states(tokens[:, None], positions[:, None], attend)[:, 0])
 
     def generate_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
                         top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None,
                         pad_token_id: int | None = None, ignore_eos: bool = False,
-                        seed: int | None = None) -> Iterator[torch.Tensor]:
+                        seed: int | None = None, prefix_caching: bool = True) -> Iterator[torch.Tensor]:
         """Yield the next token of every row [batch] per step: a prefill, then one-token decode steps.
 
         Rows that finished (EOS) get pad_token_id; it stops when every row has finished, unless ignore_eos. Every
-        row is a request of its own on the continuous-batching engine, admitted together.
+        row is a request of its own on the continuous-batching engine, admitted together. With prefix_caching, the
+        blocks of the KV pool that earlier calls left cached are reused where a prompt starts with their tokens.
         """
         return generation.generate_stream(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                          top_p, top_k, eos_token_id, pad_token_id, ignore_eos, seed)
+                                          top_p, top_k, eos_token_id, pad_token_id, ignore_eos, seed, prefix_caching)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
                  **kwargs) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """An OpenAI-compatible HTTP API (openai_api.py) over the continuous-batching engine.
 
-GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions; streaming as server-sent events in
-OpenAI's chunk shape ending with `data: [DONE]`; errors in OpenAI's shape. Each choice is an engine request; the
-engine thread tells the event loop about new tokens, so any number of clients wait without a thread each. A client
-that disconnects cancels its requests.
+GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/chat/completions, POST /v1/completions; streaming
+as server-sent events in OpenAI's chunk shape ending with `data: [DONE]`; errors in OpenAI's shape. Each choice is
+an engine request; the engine thread tells the event loop about new tokens, so any number of clients wait without a
+thread each. A client that disconnects cancels its requests.
 """
 import asyncio
 import json
@@ -14,12 +14,14 @@ from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatglm2.engine import Engine, EngineFull, SamplingParams
 from chatglm2.errors import InputError
 from chatglm2.generation import chat_history
+from chatglm2.metrics import metrics_registry
 
 RETRY_AFTER_S = 1
 MAX_STOP_STRINGS = 4
@@ -166,7 +168,8 @@ class OpenAIServer:
         eos = self.engine.model.config.eos_token_id
         completion = sum(len([t for t in r.tokens if t != eos]) for r in requests)
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
-                "total_tokens": len(prompt_ids) + completion}
+                "total_tokens": len(prompt_ids) + completion,
+                "prompt_tokens_details": {"cached_tokens": max(r.cached_tokens for r in requests)}}
 
     async def respond(self, http: Request, body: Settings, prompt_ids: list[int], chat: bool):
         params = self.params(body, len(prompt_ids))
@@ -211,10 +214,11 @@ class OpenAIServer:
 
 def build_app(server: OpenAIServer) -> FastAPI:
     app = FastAPI(title="ChatGLM2-6B OpenAI-compatible API", docs_url=None, redoc_url=None)
+    registry = metrics_registry(server.engine)
 
     @app.middleware("http")
     async def check_key(http: Request, call_next):
-        if server.api_key and http.url.path != "/health" and \
+        if server.api_key and http.url.path not in ("/health", "/metrics") and \
                 http.headers.get("authorization", "") != f"Bearer {server.api_key}":
             return error_response(ApiError(401, "a valid API key is needed: send Authorization: Bearer KEY",
                                            "authentication_error"))
@@ -234,6 +238,10 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", **server.engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:

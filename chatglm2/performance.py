@@ -79,13 +79,15 @@ def time_generation(model: ChatGLM2ForCausalLM, input_ids: torch.Tensor, max_new
     """Time one greedy generation that never stops early.
 
     generate_stream yields right after each forward, so the gap before the first yield is the prefill and each later
-    gap one decode step; synchronizing first makes queued device work count where it ran.
+    gap one decode step; synchronizing first makes queued device work count where it ran. Prefix caching is off:
+    the runs repeat their prompts, and each must prefill all of its tokens.
     """
     device = model.device
     synchronize(device)
     start = time.perf_counter()
     stamps, tokens = [], []
-    for token in model.generate_stream(input_ids, max_new_tokens=max_new_tokens, ignore_eos=True):
+    for token in model.generate_stream(input_ids, max_new_tokens=max_new_tokens, ignore_eos=True,
+                                       prefix_caching=False):
         synchronize(device)
         stamps.append(time.perf_counter())
         tokens.append(token)
@@ -207,6 +209,7 @@ def run_performance(model: ChatGLM2ForCausalLM, tokenizer: ChatGLM2Tokenizer, ba
     warmup_in = min(seq_in for seq_in, _ in pairs)
     time_generation(model, filled_prompt(tokenizer, warmup_in, batch), WARMUP_NEW_TOKENS)
     if rank0:
+        print(model.kv_cache_summary(), flush=True)
         print_table_row(HEADER.split(","))
     for seq_in, seq_out in pairs:
         times = time_generation(model, filled_prompt(tokenizer, seq_in, batch), seq_out)

@@ -1,7 +1,8 @@
 """The seed's environment variables, resolved into the explicit arguments the library takes. The only place that
 reads them:
 
-    MAX_SEQ_LEN           longest prompt + answer the preallocated KV cache holds (default 2048)
+    MAX_SEQ_LEN           longest prompt + answer a sequence may have (default 2048)
+    KV_CACHE_TOKENS       the servers' KV pool in tokens (as --kv_cache_tokens, which wins)
     ENABLE_QUANT          1: load the W8A8 weights in QUANT_WEIGHT_PATH
     ENABLE_SPARSE         1: load the sparse W8A8 weights compressed into COMPRESS_WEIGHT_PATH (implies W8A8)
     QUANT_WEIGHT_PATH     the folder export_quant_weight.py wrote
@@ -39,6 +40,13 @@ def env_switch(name: str) -> bool:
 
 def max_seq_len() -> int:
     return env_int("MAX_SEQ_LEN", DEFAULT_MAX_SEQ_LEN, "export e.g. MAX_SEQ_LEN=4096")
+
+
+def kv_cache_tokens() -> int | None:
+    """KV_CACHE_TOKENS, or None when unset."""
+    if not os.environ.get("KV_CACHE_TOKENS", "").strip():
+        return None
+    return env_int("KV_CACHE_TOKENS", 1, "export e.g. KV_CACHE_TOKENS=65536, or unset it")
 
 
 def tp_timeout_s() -> int:

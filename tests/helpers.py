@@ -125,9 +125,25 @@ def assert_torchrun_matches(model, model_path: Path, tp_size: int, out_dir: Path
     real = batch["attention_mask"].bool()
     assert (ranks[0]["logits"][real] - model(**batch)[real]).abs().max().item() < 1e-4
     assert torch.equal(ranks[0]["greedy"], model.generate(**batch, max_new_tokens=12))
+    assert ranks[0]["pool"] == pool_workload(model, ChatGLM2Tokenizer.from_pretrained(model_path))[0]
+    assert ranks[0]["preemptions"] > 0
     for other in ranks[1:]:
         assert torch.equal(other["greedy"], ranks[0]["greedy"])
         assert torch.equal(other["sampled"], ranks[0]["sampled"])
+        assert other["pool"] == ranks[0]["pool"]
+
+
+def pool_workload(model, tokenizer) -> tuple[list[list[int]], int]:
+    """Greedy answers through a KV pool too small to hold them all at once (so requests are preempted), with
+    prompts that share prefixes (prefix hits) and chunked prefill: each request's tokens, and the preemptions."""
+    from chatglm2.engine import Engine, SamplingParams
+
+    engine = Engine(model, 4, max_prefill_tokens=24, kv_cache_tokens=96)
+    prompts = [tokenizer.encode(tokenizer.build_prompt(p)) for p in PROMPTS]
+    requests = [engine.submit(ids, SamplingParams(max_new_tokens=12)) for ids in prompts + [p * 2 for p in prompts]]
+    while not all(r.finished for r in requests):
+        engine.step()
+    return [r.tokens for r in requests], engine.preemptions
 
 
 # W8A8 and sparse: the tiny model's quantized layers (layer 0 is the seed's float_layers_id) and calibration data.

@@ -4,7 +4,7 @@ import torch
 
 from chatglm2.compiled import MIN_KEY_BUCKET, bucket, buckets, compile_enabled
 from chatglm2.engine import Engine, SamplingParams
-from helpers import PROMPTS, main_py, process_weights, torchrun
+from helpers import PROMPTS, main_py, pool_workload, process_weights, torchrun
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
 
@@ -37,6 +37,8 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_ckpt):
             engine.step()
         results.append([r.tokens for r in requests])
     assert results[0] == results[1]
+    # a small pool: requests preempted and recomputed, prefixes found cached, block tables through the compiled step
+    assert pool_workload(compiled, tokenizer) == pool_workload(eager, tokenizer)
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def test_a_kv_cache_too_large_is_refused_in_seconds(tiny_ckpt):
     start = time.monotonic()
     result = main_py("--mode", "precision_single", "--model_path", str(tiny_ckpt), "--batch", "2000000", timeout=120)
     elapsed = time.monotonic() - start
-    assert_one_line_error(result, "the KV cache of 2000000 sequence(s) of MAX_SEQ_LEN=2048 tokens needs",
+    assert_one_line_error(result, "the KV cache of 4096000000 tokens needs",
                           "--batch")
     assert "loaded" not in result.stdout and "loading weights" not in result.stderr
     assert elapsed < 30, f"the refusal took {elapsed:.1f} s"  # generous: a shared 2-core machine; ~3 s when idle
@@ -61,10 +61,10 @@ def test_a_kv_cache_too_large_is_refused_in_seconds(tiny_ckpt):
 def test_main_modes_refuse_before_loading(cut_ckpt, tmp_path, case):
     model = ("--model_path", str(cut_ckpt))
     if case == "batch":
-        result, fragment = main_py("--mode", "precision_single", *model, "--batch", "2000000"), "KV cache of 2000000"
+        result, fragment = main_py("--mode", "precision_single", *model, "--batch", "2000000"), "KV cache of 4096000000 tokens"
     elif case == "cli_demo MAX_SEQ_LEN":
         result = main_py("--mode", "cli_demo", *model, stdin="你好\n", MAX_SEQ_LEN="10000000000")
-        fragment = "KV cache of 1 sequence(s) of MAX_SEQ_LEN=10000000000 tokens"
+        fragment = "KV cache of 10000000000 tokens"
     elif case == "single MAX_SEQ_LEN":
         result, fragment = main_py("--mode", "precision_single", *model, MAX_SEQ_LEN="20"), "leaves no room to answer"
     else:
@@ -97,7 +97,11 @@ def test_ceval_refuses_before_loading(cut_ckpt, tmp_path, case):
 @pytest.mark.parametrize("command", ["web_demo.py", "openai_api.py"])
 def test_servers_refuse_before_loading(cut_ckpt, command):
     server = (command, "--model_path", str(cut_ckpt))
-    assert_one_line_error(run(*server, "--max_batch", "1000000"), "KV cache of 1000000 sequence(s)", "--max_batch")
+    assert_one_line_error(run(*server, "--max_batch", "1000000"), "KV cache of 2048000000 tokens", "--max_batch")
+    assert_one_line_error(run(*server, "--kv_cache_tokens", "2048000000"), "KV cache of 2048000000 tokens",
+                          "--kv_cache_tokens")
+    assert_one_line_error(run(*server, "--kv_cache_memory", "1.5"), "'1.5' is not a fraction in (0, 1]")
+    assert_one_line_error(run(*server, KV_CACHE_TOKENS="lots"), "KV_CACHE_TOKENS='lots' is not a positive integer")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -108,17 +112,18 @@ def test_from_pretrained_checks_weights_and_kv_cache_together_before_reading(cut
     """Free memory for the KV cache of 4 sequences but not for the weights too: refused, and before the cut shards
     are read."""
     config = ChatGLM2Config.from_dict(read_config(cut_ckpt))
-    cache = kv_cache_bytes(config, 4, 128, 1, torch.float32)
+    cache = kv_cache_bytes(config, 4 * 128, 1, torch.float32)
     monkeypatch.setattr("chatglm2.memory.available_bytes", lambda device: cache + 1)
-    with pytest.raises(InputError, match=r"the model \(weights at least .* the KV cache of 4 sequence\(s\)"):
-        ChatGLM2ForCausalLM.from_pretrained(cut_ckpt, device="cpu", dtype=torch.float32, max_seq_len=128, kv_slots=4)
+    load = dict(device="cpu", dtype=torch.float32, max_seq_len=128, kv_cache_tokens=4 * 128)
+    with pytest.raises(InputError, match=r"the model \(weights at least .* the KV cache of 512 tokens"):
+        ChatGLM2ForCausalLM.from_pretrained(cut_ckpt, **load)
     monkeypatch.setattr("chatglm2.memory.available_bytes", lambda device: cache - 1)
-    with pytest.raises(InputError, match=r"^the KV cache of 4 sequence\(s\) of MAX_SEQ_LEN=128 tokens needs"):
-        ChatGLM2ForCausalLM.from_pretrained(cut_ckpt, device="cpu", dtype=torch.float32, max_seq_len=128, kv_slots=4)
+    with pytest.raises(InputError, match=r"^the KV cache of 512 tokens needs"):
+        ChatGLM2ForCausalLM.from_pretrained(cut_ckpt, **load)
 
 
 def test_the_kv_cache_estimate_is_what_is_allocated(tiny_ckpt):
     model = ChatGLM2ForCausalLM.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32, max_seq_len=64)
-    model.allocate_kv_cache(3)
+    model.allocate_kv_cache(3 * 64, 3)
     assert sum(t.numel() * t.element_size() for pair in model.kv_cache for t in pair) == \
-        kv_cache_bytes(model.config, 3, 64, 1, torch.float32)
+        kv_cache_bytes(model.config, 3 * 64, 1, torch.float32)

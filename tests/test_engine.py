@@ -1,9 +1,11 @@
-"""The continuous-batching engine: slots, admission, cancellation, per-request settings, batch invariance."""
+"""The continuous-batching engine: admission, cancellation, per-request settings, batch invariance."""
 import pytest
 import torch
 
 from chatglm2.engine import Engine, EngineFull, SamplingParams
 from chatglm2.errors import InputError
+from chatglm2.kv_pool import blocks_for
+from chatglm2.model import pool_slots
 from helpers import PROMPTS
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
@@ -20,7 +22,7 @@ def run_until_done(engine: Engine, requests: list) -> None:
 
 
 def alone(model, prompt_ids: list[int], params: SamplingParams) -> list[int]:
-    engine = Engine(model, 1)
+    engine = Engine(model, 1, prefix_caching=False)
     request = engine.submit(prompt_ids, params)
     run_until_done(engine, [request])
     return request.tokens
@@ -35,12 +37,12 @@ def test_greedy_answers_do_not_depend_on_what_else_runs(model_and_tokenizer):
     requests = [engine.submit(ids, SamplingParams(max_new_tokens=n)) for ids, n in zip(prompts[:4], budgets[:4])]
     for _ in range(2):  # the others join while these decode, and take the slots that free up
         engine.step()
-    assert sum(r is not None for r in engine.slots) == 3 and len(engine.waiting) == 1
+    assert len(engine.running) == 3 and len(engine.waiting) == 1
     requests += [engine.submit(ids, SamplingParams(max_new_tokens=n)) for ids, n in zip(prompts[4:], budgets[4:])]
     run_until_done(engine, requests)
     assert [r.tokens for r in requests] == expected
     assert [r.finish_reason for r in requests] == ["length"] * 6
-    assert not any(engine.slots) and not engine.waiting and not engine.requests
+    assert not engine.running and not engine.waiting and not engine.requests
 
 
 def test_cancel_frees_the_slot_for_the_next_request(model_and_tokenizer):
@@ -50,9 +52,9 @@ def test_cancel_frees_the_slot_for_the_next_request(model_and_tokenizer):
     second = engine.submit(tokenizer.encode("再见"), SamplingParams(max_new_tokens=4))
     engine.step()
     engine.step()
-    assert engine.slots[0] is first and len(first.tokens) == 2
+    assert engine.running == [first] and len(first.tokens) == 2
     first.cancel()
-    assert engine.step() == "prefill" and engine.slots[0] is second
+    assert engine.step() == "prefill" and engine.running == [second]
     assert first.finish_reason == "cancelled" and list(first.stream()) == first.tokens
     run_until_done(engine, [second])
     assert second.tokens == alone(model, tokenizer.encode("再见"), SamplingParams(max_new_tokens=4))
@@ -76,27 +78,34 @@ def test_eos_stop_strings_and_sampling_settings_per_request(model_and_tokenizer)
     assert sampled[0].tokens == sampled[1].tokens != sampled[2].tokens
 
 
-def stacked_cache(model) -> torch.Tensor:
-    """A copy of the KV cache as [layers, K/V, slots, groups, MAX_SEQ_LEN, head_dim]."""
-    return torch.stack([torch.stack(pair) for pair in model.kv_cache])
+def pool_contents(model, blocks: list[int], length: int) -> torch.Tensor:
+    """A copy of the keys and values of a sequence's first `length` positions, [layers, K/V, length, groups, head_dim]."""
+    slots = pool_slots(torch.tensor([blocks]), torch.arange(length)[None])[0]
+    return torch.stack([torch.stack([keys[slots], values[slots]]) for keys, values in model.kv_cache])
+
 
 def test_a_prompt_prefilled_in_chunks_equals_one_prefill(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    model.allocate_kv_cache(3)
+    model.allocate_kv_cache(3 * 160, 3)
+    pool = model.kv_blocks
     long_ids, short_ids = (tokenizer.encode(tokenizer.build_prompt(p)) for p in PROMPTS[:2])
-    assert len(long_ids) > 12 and len(short_ids) > 5
-    whole = model.prefill([long_ids, short_ids], [0, 1])
-    cache = stacked_cache(model)
+    long_ids = long_ids * 3  # over three blocks
+    assert len(long_ids) > 40 and len(short_ids) > 5
+    long_blocks, short_blocks = pool.take(blocks_for(len(long_ids))), pool.take(blocks_for(len(short_ids)))
+    whole = model.prefill([long_ids, short_ids], [long_blocks, short_blocks])
+    cache = pool_contents(model, long_blocks, len(long_ids)), pool_contents(model, short_blocks, len(short_ids))
     for tensor in (t for pair in model.kv_cache for t in pair):
-        tensor.normal_()  # what earlier requests left in the rows: every position read must be rewritten
-    # other rows, chunks of different lengths in one call (so padded), a first chunk beside a continuation
-    model.prefill([long_ids[:5]], [2])
-    model.prefill([long_ids[5:12], short_ids[:3]], [2, 0], [5, 0])
-    last = model.prefill([long_ids[12:], short_ids[3:]], [2, 0], [12, 3])
+        tensor.normal_()  # what earlier requests left in the blocks: every position read must be rewritten
+    # other blocks, chunks of different lengths in one call (so padded), a first chunk beside a continuation, and a
+    # chunk that ends inside a block
+    long_again, short_again = pool.take(blocks_for(len(long_ids))), pool.take(blocks_for(len(short_ids)))
+    model.prefill([long_ids[:5]], [long_again])
+    model.prefill([long_ids[5:20], short_ids[:3]], [long_again, short_again], [5, 0])
+    last = model.prefill([long_ids[20:], short_ids[3:]], [long_again, short_again], [20, 3])
     torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)
-    after = stacked_cache(model)
-    torch.testing.assert_close(after[:, :, 2, :, :len(long_ids)], cache[:, :, 0, :, :len(long_ids)])
-    torch.testing.assert_close(after[:, :, 0, :, :len(short_ids)], cache[:, :, 1, :, :len(short_ids)])
+    torch.testing.assert_close(pool_contents(model, long_again, len(long_ids)), cache[0])
+    torch.testing.assert_close(pool_contents(model, short_again, len(short_ids)), cache[1])
+    pool.release(long_blocks + short_blocks + long_again + short_again)
 
 
 def test_chunked_prefill_takes_turns_with_decoding_and_changes_no_answer(model_and_tokenizer):
@@ -113,8 +122,10 @@ def test_chunked_prefill_takes_turns_with_decoding_and_changes_no_answer(model_a
     before, kinds = [len(r.tokens) for r in requests[:2]], []
     while not requests[2].tokens:
         kinds.append(engine.step())
-    # the long prompt goes in chunks of 8 tokens, and the two answers get a token before each of them
-    chunks = -(-len(long_prompt) // 8)
+    # the long prompt starts with the first one, whose full block is cached; the rest goes in chunks of 8 tokens,
+    # and the two answers get a token before each of them
+    assert requests[2].cached_tokens == 16
+    chunks = -(-(len(long_prompt) - 16) // 8)
     assert kinds == ["decode", "prefill"] * chunks
     assert [len(r.tokens) - count for r, count in zip(requests, before)] == [chunks] * 2
     requests += [engine.submit(ids, params) for ids, params in zip(prompts[2:], settings[3:])]
@@ -141,5 +152,5 @@ def test_bad_requests_are_refused_and_the_queue_is_bounded(model_and_tokenizer):
 
 def test_the_kv_cache_is_checked_against_free_memory(model_and_tokenizer):
     model, _ = model_and_tokenizer
-    with pytest.raises(InputError, match=r"KV cache of 100000000 sequence\(s\).*needs .* GiB but only"):
+    with pytest.raises(InputError, match=r"KV cache of 16000000000 tokens needs .* GiB but only"):
         Engine(model, 100_000_000)

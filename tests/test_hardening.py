@@ -27,7 +27,7 @@ from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
 from chatglm2.quant_files import write_dict
 from chatglm2.tensor_parallel import part_root, write_tp_parts
-from helpers import ROOT, assert_one_line_error, main_py, process_weights, run, run_env, torchrun
+from helpers import ROOT, assert_one_line_error, free_port, main_py, process_weights, run, run_env, torchrun
 from modeling_chatglm_ascend import ChatGLM2Tokenizer
 
 
@@ -301,6 +301,9 @@ def test_config_fields_of_the_wrong_type_are_refused():
 def test_other_bad_inputs_give_one_line(tiny_ckpt, tmp_path):
     model = ("--mode", "precision_single", "--model_path", str(tiny_ckpt))
     assert_one_line_error(main_py(*model, TP_TIMEOUT_S="abc"), "TP_TIMEOUT_S='abc' is not a positive integer")
+    assert_one_line_error(run("openai_api.py", "--model_path", str(tiny_ckpt), "--kv_cache_memory", "0.0000001",
+                              "--server_port", str(free_port())),
+                          "less than one sequence of MAX_SEQ_LEN=2048")
     for port in ("99999", "0", "http"):
         assert_one_line_error(run("web_demo.py", "--model_path", str(tiny_ckpt), "--server_port", port),
                               f"'{port}' is not a TCP port (1 to 65535)")
@@ -424,7 +427,7 @@ def test_memory_is_checked_before_allocating(tiny_ckpt, tmp_path):
     """Absurd sizes are refused within seconds, with the numbers, before anything large is allocated."""
     args = ["--mode", "precision_single", "--model_path", str(tiny_ckpt)]
     assert_one_line_error(main_py(*args, MAX_SEQ_LEN="10000000000", timeout=60), "needs", "GiB", "lower MAX_SEQ_LEN")
-    assert_one_line_error(main_py(*args, "--batch", "100000", timeout=60), "KV cache of 100000 sequence(s)", "needs")
+    assert_one_line_error(main_py(*args, "--batch", "100000", timeout=60), "KV cache of 204800000 tokens", "needs")
     huge = tmp_path / "huge"
     shutil.copytree(tiny_ckpt, huge)
     config = json.loads((huge / "config.json").read_text())

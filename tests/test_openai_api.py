@@ -7,6 +7,7 @@ import urllib.request
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from chatglm2.tensor_parallel import write_tp_parts
 from chatglm2.tokenizer import ChatGLM2Tokenizer
@@ -135,7 +136,37 @@ def test_a_client_that_leaves_cancels_its_request(server):
     deadline = time.monotonic() + 30
     while health(server)["finished"].get("cancelled", 0) == cancelled and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert health(server)["finished"].get("cancelled", 0) == cancelled + 1 and health(server)["active"] == 0
+    assert health(server)["finished"].get("cancelled", 0) == cancelled + 1 and health(server)["running"] == 0
+    assert health(server)["kv_cache"]["blocks_used"] == 0  # its blocks are back in the pool
+
+
+def test_the_conversation_so_far_is_found_in_the_cache(server, tiny_ckpt, tmp_path):
+    messages = [{"role": "user", "content": "请介绍一下长城的历史。" * 5}]
+    first = client(server).chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "再详细一点"}]
+    second = client(server).chat.completions.create(model="m", messages=messages, max_tokens=12, temperature=0)
+    # all of the first turn's prompt but the block where it and the second may tokenize apart
+    assert second.usage.prompt_tokens_details.cached_tokens >= (first.usage.prompt_tokens // 16 - 1) * 16
+    with urllib.request.urlopen(f"{server}/metrics", timeout=10) as response:
+        metrics = {sample.name + str(sample.labels): sample.value
+                   for family in text_string_to_metric_families(response.read().decode()) for sample in family.samples}
+    pool = health(server)["kv_cache"]
+    assert metrics["chatglm2_prefix_cache_hit_tokens_total{}"] == pool["hit_tokens"] > 0
+    assert sum(metrics[f"chatglm2_kv_cache_blocks{{'state': '{state}'}}"] for state in ("used", "cached", "free")) \
+        == pool["blocks"] and metrics["chatglm2_num_requests_running{}"] == 0
+    port = free_port()
+    cold = start_server(server_command(tiny_ckpt, port, "--no_prefix_caching", "--kv_cache_memory", "0.002"), port,
+                        tmp_path / "cold.log", path="/health", MAX_SEQ_LEN="2048")
+    try:
+        # 0.2% of the free memory, not --max_batch x MAX_SEQ_LEN (the other server's 512 blocks)
+        assert health(f"http://127.0.0.1:{port}")["kv_cache"]["blocks"] not in (0, pool["blocks"])
+        again = client(f"http://127.0.0.1:{port}").chat.completions.create(model="m", messages=messages, max_tokens=12,
+                                                                           temperature=0)
+        assert again.choices[0].message.content == second.choices[0].message.content
+        assert again.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        assert stop(cold) == 0, (tmp_path / "cold.log").read_text()[-3000:]
 
 
 def test_torchrun_tp2_serves_the_same_answers(server, tiny_ckpt, tmp_path):

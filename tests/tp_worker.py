@@ -1,4 +1,5 @@
-"""Run under torchrun by the tensor-parallel tests: each rank saves its logits, greedy and sampled tokens.
+"""Run under torchrun by the tensor-parallel tests: each rank saves its logits, greedy and sampled tokens, and the
+greedy tokens of a workload that preempts requests and hits cached prefixes in a small KV pool.
 
     tests/tp_worker.py MODEL_PATH TP_SIZE OUT_DIR ['{"quantize": "int4", ...}']   (extra from_pretrained arguments)
 """
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from chatglm2 import collectives
-from helpers import PROMPTS
+from helpers import PROMPTS, pool_workload
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
 
 
@@ -22,6 +23,7 @@ def main(model_path: str, tp_size: int, out_dir: str, load_kwargs: dict) -> None
     batch = tokenizer(PROMPTS)
     result = {"logits": model(**batch), "greedy": model.generate(**batch, max_new_tokens=12),
               "sampled": model.generate(**batch, max_new_tokens=12, do_sample=True, top_p=0.9, temperature=1.5)}
+    result["pool"], result["preemptions"] = pool_workload(model, tokenizer)
     torch.save(result, Path(out_dir) / f"rank{tp_rank}.pt")
     collectives.shutdown()
 
