@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     def run_api(engine: Engine, tokenizer: ChatGLM2Tokenizer) -> None:
         app = build_app(OpenAIServer(engine, tokenizer, args.model_name, args.api_key))
         print(f"serving {Path(args.model_path).resolve().name} as {args.model_name!r} at "
-              f"http://{args.server_name}:{args.server_port}/v1 ({args.max_batch} slots)", flush=True)
+              f"http://{args.server_name}:{args.server_port}/v1 (max_batch {args.max_batch})", flush=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the handler that was
         # there before it: let that one ignore it, so a stopped server exits with status 0.
         ignore_stop_signals()

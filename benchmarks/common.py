@@ -4,9 +4,15 @@ Standard library only: the chatglm.cpp worker imports this inside the peer's ven
 for importing torch (its memory would count against the peer).
 """
 import json
+import os
 import statistics
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "BENCH_RESULT "  # marks the worker's JSON line among library chatter on stdout
 FIRST_ID = 100  # clear of <unk>, <s>, </s> (0-2); which ids follow does not matter for timing
 
@@ -66,3 +72,22 @@ def parse_result(stdout: str) -> dict:
     if not lines:
         raise RuntimeError("the worker printed no result line")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def start_openai_api(model_path: str, port: int, log: Path, *flags: str, **env: str) -> subprocess.Popen:
+    """openai_api.py in a process of its own (output to `log`, `env` added to the environment), returned once GET
+    /health answers."""
+    process = subprocess.Popen([sys.executable, "openai_api.py", "--model_path", model_path, "--server_port", str(port),
+                                *flags], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               env={**os.environ, **env})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return process
+        except OSError:
+            time.sleep(1)
+    process.kill()
+    raise RuntimeError("the server did not start in 10 minutes")

@@ -1,21 +1,24 @@
 """Time to the first token of each turn of a chat, as the conversation grows: prefix caching on against off.
 
     python -m benchmarks.multiturn                        # full-width 4-layer random checkpoint (bench_ckpt_full_L4/)
-    python -m benchmarks.multiturn --turns 10 --answer_tokens 48
+    python -m benchmarks.multiturn --turns 13 --api         # and through /v1/chat/completions
 
-One conversation per setting, on one model in one process: every turn asks the same message (about --query_tokens
-tokens) with the whole conversation so far as history (ChatGLM2's build_prompt, as stream_chat, cli_demo and the web
-demo send it), and the model's greedy answer of --answer_tokens tokens joins the history. "off" prefills the whole
-conversation every turn, as every version before the KV pool did; "on" finds the earlier turns in the cache and
-prefills the rest. The settings take turns, so the machine's noise falls on both. Results go to
-benchmarks/results/multiturn.{json,md,png}.
+One conversation per setting, on one model in one process: every turn asks the same message (QUERY --query_repeats
+times, about 150 tokens) with the whole conversation so far as history (ChatGLM2's build_prompt, as stream_chat,
+cli_demo and the web demo send it), and the model's greedy answer of --answer_tokens tokens joins the history. "off"
+prefills the whole conversation every turn, as every version before the KV pool did; "on" finds the earlier turns in
+the cache and prefills the rest. The settings take turns, so the machine's noise falls on both. With --api the same
+conversation then goes through openai_api.py, the history in `messages` (a server with --no_prefix_caching and one
+without). Results go to benchmarks/results/multiturn.{json,md,png}.
 """
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
-from benchmarks.report import benchmark_parser, save_chart, write_results
+from benchmarks.common import start_openai_api
+from benchmarks.report import benchmark_parser, line_chart, write_results
 from benchmarks.run_suite import ensure_checkpoint, wait_until_quiet
 from chatglm2.engine import Engine
 from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
@@ -39,21 +42,10 @@ def turn(model, tokenizer, history: list[tuple[str, str]], query: str, answer_to
 
 
 def chart(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(7, 4.2))
-    for name, turns in report["runs"].items():
-        axis.plot([t["prompt_tokens"] for t in turns], [t["ttft_s"] for t in turns], marker="o",
-                  label=f"prefix caching {name}")
-    axis.set_xlabel("prompt tokens of the turn (the conversation so far and the new message)")
-    axis.set_ylabel("seconds to the first token")
-    axis.set_title(f"Time to first token per chat turn ({report['checkpoint']}, {report['dtype']})")
-    axis.set_ylim(bottom=0)
-    axis.grid(True, alpha=0.3)
-    axis.legend()
-    save_chart(fig, path)
+    line_chart(path, {f"prefix caching {name}": ([t["prompt_tokens"] for t in turns], [t["ttft_s"] for t in turns])
+                      for name, turns in report["runs"].items()},
+               "prompt tokens of the turn (the conversation so far and the new message)", "seconds to the first token",
+               f"Time to first token per chat turn ({report['checkpoint']}, {report['dtype']})")
 
 
 def main() -> None:
@@ -62,6 +54,9 @@ def main() -> None:
     parser.add_argument("--answer_tokens", type=int, default=48)
     parser.add_argument("--query_repeats", type=int, default=3, help="the message is QUERY this many times")
     parser.add_argument("--max_seq_len", type=int, default=8192)
+    parser.add_argument("--api", action="store_true",
+                        help="also hold the conversation through openai_api.py (two servers, caching on and off)")
+    parser.add_argument("--port", type=int, default=8770, help="the API servers' ports: this and the next")
     args = parser.parse_args()
     ensure_checkpoint(args)
     model = ChatGLM2ForCausalLM.from_pretrained(args.model_path, max_seq_len=args.max_seq_len)
@@ -71,8 +66,7 @@ def main() -> None:
     query = QUERY * args.query_repeats
     report = {"checkpoint": Path(args.model_path).name, "dtype": str(model.dtype).removeprefix("torch."),
               "threads": torch.get_num_threads(), "answer_tokens": args.answer_tokens,
-              "kv_cache": model.kv_cache_summary(),
-              "runs": {"off": [], "on": []}, "others_cpu": []}
+              "kv_cache": model.kv_cache_summary(), "runs": {"off": [], "on": []}, "others_cpu": []}
     histories = {"off": [], "on": []}
     model.kv_blocks.forget()
     for _ in range(args.turns):
@@ -81,17 +75,59 @@ def main() -> None:
             result = turn(model, tokenizer, histories[name], query, args.answer_tokens, name == "on")
             histories[name].append((query, result.pop("answer")))
             report["runs"][name].append(result)
-    lines = ["| turn | prompt tokens | TTFT off (s) | TTFT on (s) | cached tokens (on) | on / off |",
-             "|---|---|---|---|---|---|"]
-    for k, (off, on) in enumerate(zip(report["runs"]["off"], report["runs"]["on"])):
-        lines.append(f"| {k + 1} | {on['prompt_tokens']} | {off['ttft_s']:.2f} | {on['ttft_s']:.2f} | "
-                     f"{on['cached_tokens']} | {on['ttft_s'] / off['ttft_s']:.2f} |")
-    first, last = report["runs"]["on"][0], report["runs"]["on"][-1]
-    summary = (f"\nWith prefix caching, the last turn ({last['prompt_tokens']} prompt tokens) takes "
-               f"{last['ttft_s'] / first['ttft_s']:.2f}x the first turn's time to first token "
-               f"({first['prompt_tokens']} tokens, no history).\n")
+    if args.api:
+        del model
+        report["runs"].update(api_turns(args, query))
     print(report["kv_cache"])
-    write_results(args.results_dir, "multiturn", report, "\n".join(lines) + "\n" + summary, chart)
+    tables = [table(report["runs"], "off", "on", "the library (stream_chat's path)")]
+    if args.api:
+        tables.append(table(report["runs"], "off, API", "on, API", "/v1/chat/completions"))
+    write_results(args.results_dir, "multiturn", report, "\n".join(tables), chart)
+
+
+def api_turns(args, query: str) -> dict[str, list[dict]]:
+    """The same conversation through openai_api.py's /v1/chat/completions, one server with prefix caching and one
+    without: each turn's time to first token is that of a max_tokens=1 request; a second request gets the answer."""
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    servers = {name: start_openai_api(args.model_path, args.port + i, results / f"multiturn-{i}.log", *flags,
+                                      MAX_SEQ_LEN=str(args.max_seq_len))
+               for i, (name, flags) in enumerate((("off, API", ["--no_prefix_caching"]), ("on, API", [])))}
+    runs = {name: [] for name in servers}
+    messages = {name: [] for name in servers}
+    try:
+        with httpx.Client(timeout=600) as client:
+            for _ in range(args.turns):
+                for i, name in enumerate(servers):
+                    url = f"http://127.0.0.1:{args.port + i}/v1/chat/completions"
+                    body = {"model": "m", "messages": messages[name] + [{"role": "user", "content": query}],
+                            "temperature": 0}
+                    wait_until_quiet(args.max_wait_quiet)
+                    start = time.perf_counter()
+                    first = client.post(url, json={**body, "max_tokens": 1}).json()
+                    ttft = time.perf_counter() - start
+                    answer = client.post(url, json={**body, "max_tokens": args.answer_tokens}).json()
+                    runs[name].append({"prompt_tokens": first["usage"]["prompt_tokens"], "ttft_s": ttft,
+                                       "cached_tokens": first["usage"]["prompt_tokens_details"]["cached_tokens"]})
+                    messages[name] = body["messages"] + [answer["choices"][0]["message"]]
+    finally:
+        for process in servers.values():
+            process.terminate()
+            process.wait(timeout=120)
+    return runs
+
+
+def table(runs: dict[str, list[dict]], off: str, on: str, title: str) -> str:
+    lines = [f"Through {title}:\n", "| turn | prompt tokens | TTFT off (s) | TTFT on (s) | cached tokens (on) | on / off |",
+             "|---|---|---|---|---|---|"]
+    for k, (a, b) in enumerate(zip(runs[off], runs[on])):
+        lines.append(f"| {k + 1} | {b['prompt_tokens']} | {a['ttft_s']:.2f} | {b['ttft_s']:.2f} | "
+                     f"{b['cached_tokens']} | {b['ttft_s'] / a['ttft_s']:.2f} |")
+    first, last = runs[on][0], runs[on][-1]
+    lines.append(f"\nWith prefix caching, the last turn ({last['prompt_tokens']} prompt tokens) takes "
+                 f"{last['ttft_s'] / first['ttft_s']:.2f}x the first turn's time to first token "
+                 f"({first['prompt_tokens']} tokens, no history).\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

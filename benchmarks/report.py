@@ -30,6 +30,25 @@ def save_chart(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def line_chart(path: Path, lines: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
+               title: str) -> None:
+    """One line per name, (x values, y values), the y axis from 0."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4.2))
+    for name, (xs, ys) in lines.items():
+        axis.plot(xs, ys, marker="o", markersize=3, label=name)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.set_ylim(bottom=0)
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    save_chart(fig, path)
+
+
 def write_results(results_dir: str | Path, stem: str, report: dict, table: str,
                   chart: Callable[[dict, Path], None]) -> None:
     """Print the table; write STEM.json, STEM.md and the chart STEM.png."""

@@ -20,20 +20,18 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 
+from benchmarks.common import start_openai_api
 from benchmarks.report import benchmark_parser, save_chart, write_results
 from benchmarks.run_suite import ensure_checkpoint, wait_until_quiet
 from chatglm2.random_checkpoint import CORPUS
 from chatglm2.tokenizer import ChatGLM2Tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
+
 SETUPS = {"one-at-a-time": (1, None), "static-8": (8, 8), "engine-8": (8, None), "engine-16": (16, None)}
 
 
@@ -119,24 +117,6 @@ def summarize(results: list[dict], wall: float) -> dict:
             "tpot_ms_p50": statistics.median(tpot), "tpot_ms_p99": percentile(tpot, 99)}
 
 
-def serve(args: argparse.Namespace, max_batch: int, log: Path) -> subprocess.Popen:
-    port = args.port
-    process = subprocess.Popen([sys.executable, "openai_api.py", "--model_path", args.model_path, "--server_port",
-                                str(port), "--max_batch", str(max_batch), "--max_waiting", str(args.requests)],
-                               cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-            return process
-        except OSError:
-            time.sleep(1)
-    process.kill()
-    raise RuntimeError("the server did not start in 10 minutes")
-
-
 def chart(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -204,7 +184,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{args.port}/v1/completions"
     for name in args.setups.split(","):
         max_batch, static_batch = SETUPS[name]
-        process = serve(args, max_batch, results_dir / f"serving-{name}.log")
+        process = start_openai_api(args.model_path, args.port, results_dir / f"serving-{name}.log", "--max_batch",
+                                   str(max_batch), "--max_waiting", str(args.requests))
         try:
             for kind, poisson in (("all at once", False), ("poisson", True)):
                 busy = wait_until_quiet(args.max_wait_quiet)

@@ -4,7 +4,7 @@ For each question, as THUDM's ChatGLM2-6B evaluation/evaluate_ceval.py (which th
   1. greedy generation of up to 512 new tokens on the chat prompt build_prompt(question);
   2. one forward pass on build_prompt(question + response + "\\n综上所述，ABCD中正确的选项是："); the prediction is the
      argmax of the last position's logits over the first token ids of "A", "B", "C" and "D".
-Stage 1 streams a subject's questions through --batch engine slots (a finished answer's slot takes the
+Stage 1 streams a subject's questions through --batch engine rows (a finished answer's row takes the
 next question); stage 2 scores them in batches of --batch, left padded. The dataset is either THUDM's processed jsonl release
 (val/<Category>/<subject>.jsonl) or the official ceval-exam CSV release (val/<subject>_val.csv).
 
@@ -194,7 +194,7 @@ def answer_questions(engine: Engine, tokenizer, questions: list[str], max_new_to
                      progress: Callable[[int], None] = lambda done: None) -> tuple[list[int], int]:
     """The two-stage protocol on a subject's questions: predicted choice indices, and the smallest stage-1 budget.
 
-    Stage 1 streams the questions through the engine's slots (a finished answer's slot takes the next question, so
+    Stage 1 streams the questions through the engine's rows (a finished answer's row takes the next question, so
     nothing waits for the longest answer of a batch); progress(n) is told of each n answers finished. Stage 2 scores
     in batches of `batch`, left-padded.
     """

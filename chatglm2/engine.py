@@ -109,7 +109,7 @@ class Engine:
         """max_batch: requests running at once (rows of a decode step); kv_cache_tokens: the pool's size (default
         max_batch x MAX_SEQ_LEN, the most they can hold); prefix_caching: reuse cached blocks of earlier prompts."""
         if max_batch < 1:
-            raise InputError(f"the number of slots must be at least 1, got {max_batch}")
+            raise InputError(f"max_batch must be at least 1, got {max_batch}")
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise InputError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
         if kv_cache_tokens is not None and kv_cache_tokens < 1:

@@ -7,6 +7,7 @@ paged KV pool, see kv_pool.py) or a decode step (one token per sequence, static 
 live in tensors, and the pool slots to write and read and the attention mask are built from them on the device, so
 the step can be compiled and captured in a CUDA graph). Attention reads only the blocks of each row's live context.
 """
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -15,11 +16,11 @@ import torch
 import torch.nn as nn
 
 from chatglm2 import collectives, generation, ops, settings
-from chatglm2.compiled import CompiledDecode
+from chatglm2.compiled import CompiledDecode, bucket
 from chatglm2.config import ChatGLM2Config
 from chatglm2.errors import InputError
 from chatglm2.loading import load_pretrained
-from chatglm2.kv_pool import BLOCK_SIZE, NULL_BLOCK, BlockPool, blocks_for, padded_block_tables
+from chatglm2.kv_pool import BLOCK_SIZE, NULL_BLOCK, BlockPool, padded_block_tables
 from chatglm2.memory import check_kv_cache_fits, kv_pool_shape
 from chatglm2.ops import RMSNorm
 from chatglm2.tokenizer import ChatGLM2Tokenizer
@@ -34,11 +35,25 @@ class Attend:
     pool slot, block * BLOCK_SIZE + position % BLOCK_SIZE. write_slots [batch, seq]: where this pass's keys and values
     go (None: nowhere, for scoring). read_slots [batch, key_len]: the keys each row attends over, read back from the
     pool after the write (None: the pass's own keys). mask: bool [batch, 1, seq, key_len], True = may attend, or None
-    for causal attention (or, with read_slots, every key read).
+    for causal attention (or, with read_slots, every key read). segments: a packed prefill's sequences, each
+    attending on its own (Segment); tokens after the last segment are padding.
     """
     mask: torch.Tensor | None = None
     write_slots: torch.Tensor | None = None
     read_slots: torch.Tensor | None = None
+    segments: list["Segment"] | None = None
+
+
+@dataclass
+class Segment:
+    """Where one sequence's tokens sit in a packed prefill pass (one row holding several sequences): tokens
+    start..start+length-1 of the row. With read_slots [1, key_len] they attend over those pool slots (the sequence's
+    positions 0..key_len-1, the earlier ones written by earlier passes) limited by mask [1, 1, length, key_len];
+    without, the sequence starts here and attends causally over its own keys."""
+    start: int
+    length: int
+    read_slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 def pool_slots(block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -71,10 +86,30 @@ class SelfAttention(nn.Module):
             slots = attend.write_slots.flatten()
             k_pool[slots] = k.flatten(0, 1)
             v_pool[slots] = v.flatten(0, 1)
-        if attend.read_slots is not None:
-            k, v = k_pool[attend.read_slots], v_pool[attend.read_slots]
-        out = self.dense(ops.attention(q, k.transpose(1, 2), v.transpose(1, 2), attend.mask))
+        if attend.segments is not None:
+            out = self.dense(self.packed_attention(q, k, v, attend.segments, k_pool, v_pool))
+        else:
+            if attend.read_slots is not None:
+                k, v = k_pool[attend.read_slots], v_pool[attend.read_slots]
+            out = self.dense(ops.attention(q, k.transpose(1, 2), v.transpose(1, 2), attend.mask))
         return collectives.all_reduce_sum(out) if self.tp_size > 1 else out
+
+
+    def packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[Segment],
+                         k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """Each segment of a packed row [1, seq, ...] attends on its own; padding after them gets zeros."""
+        outs = []
+        for segment in segments:
+            span = slice(segment.start, segment.start + segment.length)
+            if segment.read_slots is None:
+                keys, values = k[:, span], v[:, span]
+            else:
+                keys, values = k_pool[segment.read_slots], v_pool[segment.read_slots]
+            outs.append(ops.attention(q[:, span], keys.transpose(1, 2), values.transpose(1, 2), segment.mask))
+        padding = q.shape[1] - sum(segment.length for segment in segments)
+        if padding:
+            outs.append(q.new_zeros(1, padding, self.num_heads * self.head_dim))
+        return torch.cat(outs, dim=1)
 
 
 class MLP(nn.Module):
@@ -138,6 +173,12 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
     causal = positions[None, :] <= positions[:, None]
     mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
     return mask | torch.eye(len(positions), dtype=torch.bool, device=attention_mask.device)[None, None]
+
+
+# A prefill runs in passes of at most PREFILL_PASS tokens, each padded to the next of PREFILL_SIZES (waste: at most
+# 63 tokens past 64; a few percent of a long pass).
+PREFILL_PASS = 512
+PREFILL_SIZES = [16, 32, *range(64, PREFILL_PASS + 1, 64)]
 
 
 class ChatGLM2ForCausalLM(nn.Module):
@@ -256,32 +297,53 @@ class ChatGLM2ForCausalLM(nn.Module):
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], block_tables: Sequence[Sequence[int]],
                 starts: Sequence[int] | None = None) -> torch.Tensor:
-        """Run the prompts (right-padded, causal, so padding never reaches a real token) and write their keys and
-        values into the pool blocks of their block tables; the logits [len(prompts), vocab] (fp32) of each prompt's
-        last token. With `starts`, each prompt continues its sequence at position starts[i], after the tokens before
-        it (written by earlier calls, or cached blocks of a shared prefix), whose keys it reads from the pool."""
-        device = self.device
-        width = max(len(prompt) for prompt in prompts)
-        input_ids = torch.tensor([list(prompt) + [0] * (width - len(prompt)) for prompt in prompts], device=device)
-        offsets = torch.arange(width, device=device)
-        lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+        """Run the prompts and write their keys and values into the pool blocks of their block tables; the logits
+        [len(prompts), vocab] (fp32) of each prompt's last token. With `starts`, each prompt continues its sequence at
+        position starts[i], after the tokens before it (written by earlier calls, or cached blocks of a shared
+        prefix), whose keys it reads from the pool.
+
+        The prompts are packed into one row, cut into passes of at most PREFILL_PASS tokens, each padded to one of
+        PREFILL_SIZES: the linear layers see only those few shapes, however the lengths vary (a CPU's oneDNN keeps
+        kernels and buffers per shape, so a server seeing every length would grow without bound), and no row is
+        padded to the longest prompt."""
         starts = list(starts or [0] * len(prompts))
-        key_len = max(start + len(prompt) for start, prompt in zip(starts, prompts))
-        tables = padded_block_tables(block_tables, blocks_for(key_len), device)
-        # a padding token takes its row's last real position (inside the rope table and the mask) and is written to
-        # the null block
-        positions = torch.minimum(offsets[None], lengths[:, None] - 1) + torch.tensor(starts, device=device)[:, None]
-        written = offsets[None] < lengths[:, None]
-        write_slots = torch.where(written, pool_slots(tables, positions), NULL_BLOCK * BLOCK_SIZE + offsets % BLOCK_SIZE)
-        if not any(starts):
-            attend = Attend(write_slots=write_slots)
-        else:
-            keys = torch.arange(key_len, device=device)
-            mask = (keys[None, None] <= positions[:, :, None])[:, None]
-            attend = Attend(mask=mask, write_slots=write_slots,
-                            read_slots=pool_slots(tables, keys.expand(len(prompts), key_len)))
-        hidden = self.hidden_states(input_ids, positions, attend)
-        return self.logits(hidden[torch.arange(len(prompts), device=device), lengths - 1])
+        tokens = [(row, start + offset, token) for row, (prompt, start) in enumerate(zip(prompts, starts))
+                  for offset, token in enumerate(prompt)]
+        tables = padded_block_tables(block_tables, 1, self.device)
+        last_hidden = [None] * len(prompts)
+        for first in range(0, len(tokens), PREFILL_PASS):
+            piece = tokens[first:first + PREFILL_PASS]
+            hidden, segments = self.prefill_pass(piece, tables)
+            for segment in segments:  # a prompt cut between passes: its last pass writes last
+                last_hidden[piece[segment.start][0]] = hidden[0, segment.start + segment.length - 1]
+        return self.logits(torch.stack(last_hidden))
+
+    def prefill_pass(self, piece: list[tuple[int, int, int]], tables: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                            list[Segment]]:
+        """One packed pass over (row, position, token) triples, padded to a PREFILL_SIZES size: the hidden states
+        [1, size, hidden] and the segments of its rows."""
+        device, size = self.device, bucket(PREFILL_SIZES, len(piece))
+        segments, start = [], 0
+        for row, run in itertools.groupby(piece, key=lambda triple: triple[0]):
+            first_position, length = piece[start][1], len(list(run))
+            segment = Segment(start, length)
+            if first_position > 0:  # continues what the pool holds: read it back, causally aligned to the end
+                keys = torch.arange(first_position + length, device=device)
+                queries = torch.arange(first_position, first_position + length, device=device)
+                segment.read_slots = pool_slots(tables[row:row + 1], keys[None])
+                segment.mask = (keys[None, :] <= queries[:, None])[None, None]
+            segments.append(segment)
+            start += length
+        rows = torch.tensor([row for row, _, _ in piece], device=device)
+        positions = torch.tensor([position for _, position, _ in piece], device=device)
+        padding = size - len(piece)
+        # padding tokens sit at position 0 and are written to the null block
+        write_slots = torch.cat([pool_slots(tables[rows], positions[:, None])[:, 0],
+                                 torch.arange(padding, device=device) % BLOCK_SIZE + NULL_BLOCK * BLOCK_SIZE])
+        input_ids = torch.tensor([token for _, _, token in piece] + [0] * padding, device=device)
+        positions = torch.cat([positions, torch.zeros(padding, dtype=torch.long, device=device)])
+        attend = Attend(write_slots=write_slots[None], segments=segments)
+        return self.hidden_states(input_ids[None], positions[None], attend), segments
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, key_len: int,
                     masked: bool) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The Gradio chat page of web_demo.py, on the continuous-batching engine.
 
 Rank 0 serves the page and runs the engine; every question is an engine request, so several users are answered at
-once (up to the engine's slots; Gradio's concurrency is raised to match). A closed browser, Clear History or the
-chat's trash icon cancels the request, which frees its slot on every rank at the next iteration.
+once (up to the engine's max_batch; Gradio's concurrency is raised to match). A closed browser, Clear History or
+the chat's trash icon cancels the request, which frees its KV blocks at the next iteration.
 """
 import html
 from typing import Iterator
