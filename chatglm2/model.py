@@ -94,7 +94,6 @@ class SelfAttention(nn.Module):
             out = self.dense(ops.attention(q, k.transpose(1, 2), v.transpose(1, 2), attend.mask))
         return collectives.all_reduce_sum(out) if self.tp_size > 1 else out
 
-
     def packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[Segment],
                          k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
         """Each segment of a packed row [1, seq, ...] attends on its own; padding after them gets zeros."""
