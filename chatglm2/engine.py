@@ -220,7 +220,7 @@ class Engine:
         positions = [r.position for r in rows]
         for request in rows:
             if (request.position + 1) % BLOCK_SIZE == 0:
-                self._offer_blocks(request, request.prompt_ids + request.tokens)
+                self._offer_blocks(request, request.prompt_ids + request.tokens, request.position)
         return {"kind": "decode", "cancelled": cancelled, "rids": [r.id for r in rows],
                 "tokens": [r.tokens[-1] for r in rows], "positions": positions,
                 "tables": [r.blocks for r in rows], "uniform": len(set(positions)) == 1}
@@ -272,12 +272,13 @@ class Engine:
         self.pool.release(request.blocks)
         request.blocks = []
 
-    def _offer_blocks(self, request: Request, sequence: list[int]) -> None:
-        """Offer the request's blocks that `sequence` (what its cache holds after this iteration) fills for reuse."""
+    def _offer_blocks(self, request: Request, sequence: list[int], written_from: int) -> None:
+        """Offer for reuse the request's blocks that this iteration fills: `sequence` is what its cache holds after
+        it, the positions from written_from on are this iteration's."""
         if self.prefix_caching:
             request.hashes = block_hashes(sequence, request.hashes)
-            for block, block_hash in zip(request.blocks, request.hashes):
-                self.pool.register(block, block_hash)
+            for index in range(written_from // BLOCK_SIZE, len(sequence) // BLOCK_SIZE):
+                self.pool.register(request.blocks[index], request.hashes[index])
 
     def _prefill_plan(self, pending: list[Request], cancelled: list[int]) -> dict:
         """The next chunk of each pending prompt, within max_prefill_tokens; only the rows whose prompt it completes
@@ -291,7 +292,7 @@ class Engine:
             chunks.append((request, request.prefilled, take))
             request.prefilled += take
             budget -= take
-            self._offer_blocks(request, request.prefill_ids[:request.prefilled])
+            self._offer_blocks(request, request.prefill_ids[:request.prefilled], request.prefilled - take)
         return {"kind": "prefill", "cancelled": cancelled,
                 "rids": [r.id if r.prefill_done else None for r, _, _ in chunks],
                 "tables": [r.blocks for r, _, _ in chunks], "starts": [start for _, start, _ in chunks],

@@ -51,17 +51,22 @@ def kv_pool_shape(config: ChatGLM2Config, tokens: int, tp_size: int = 1) -> tupl
     return (blocks_for(tokens) + 1) * BLOCK_SIZE, config.rank_kv_groups(tp_size), config.kv_channels
 
 
+def kv_block_bytes(config: ChatGLM2Config, tp_size: int, dtype: torch.dtype) -> int:
+    """One block of every layer's keys and values on one rank: 28 KiB per token for ChatGLM2-6B in fp16."""
+    pool_of_one_block = math.prod(kv_pool_shape(config, 1, tp_size))  # that block and the null block
+    return config.num_layers * 2 * pool_of_one_block // 2 * dtype.itemsize
+
+
 def kv_cache_bytes(config: ChatGLM2Config, tokens: int, tp_size: int, dtype: torch.dtype) -> int:
-    """28 KiB per token for ChatGLM2-6B in fp16."""
-    return config.num_layers * 2 * math.prod(kv_pool_shape(config, tokens, tp_size)) * dtype.itemsize
+    return (blocks_for(tokens) + 1) * kv_block_bytes(config, tp_size, dtype)
 
 
 def kv_cache_tokens_in(fraction: float, config: ChatGLM2Config, tp_size: int, dtype: torch.dtype,
                        device: torch.device) -> int:
     """The KV cache, in whole blocks, that `fraction` of the device's free memory holds (asked after the weights are
     loaded, as vLLM's gpu_memory_utilization sizes its cache)."""
-    block_bytes = config.num_layers * 2 * config.rank_kv_groups(tp_size) * config.kv_channels * dtype.itemsize * BLOCK_SIZE
-    return max(int(fraction * available_bytes(device)) // block_bytes - 1, 0) * BLOCK_SIZE  # less the null block
+    blocks = int(fraction * available_bytes(device)) // kv_block_bytes(config, tp_size, dtype)
+    return max(blocks - 1, 0) * BLOCK_SIZE  # less the null block
 
 
 def kv_cache_advice(tokens: int, max_seq_len: int) -> str:

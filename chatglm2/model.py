@@ -2,8 +2,8 @@
 
 The module layout and parameter names mirror THUDM/chatglm2-6b, so a Hugging Face checkpoint (or a tensor-parallel
 part written by process_weights.py) loads by name. The heavy operators come from ops.py. A forward pass is one of:
-scoring (`forward`: a left-padded batch, no cache), a prefill (right-padded prompts written into their blocks of the
-paged KV pool, see kv_pool.py) or a decode step (one token per sequence, static shapes: positions and block tables
+scoring (`forward`: a left-padded batch, no cache), a prefill (prompts packed into one row, written into their
+blocks of the paged KV pool, see kv_pool.py) or a decode step (one token per sequence, static shapes: positions and block tables
 live in tensors, and the pool slots to write and read and the attention mask are built from them on the device, so
 the step can be compiled and captured in a CUDA graph). Attention reads only the blocks of each row's live context.
 """
