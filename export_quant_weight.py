@@ -19,7 +19,8 @@ from chatglm2.checkpoint import read_config
 from chatglm2.cli import ArgumentParser, run_cli
 from chatglm2.device import DEVICE_KINDS, select_device
 from chatglm2.errors import InputError
-from chatglm2.tokenizer import ChatGLM2Tokenizer
+from chatglm2.generation import chat_input
+from chatglm2.tokenizer import ChatGLM2Tokenizer, load_tokenizer
 
 
 def calibration_prompts(data_path: str, tokenizer: ChatGLM2Tokenizer, num_samples: int | None) -> list[list[int]]:
@@ -28,7 +29,7 @@ def calibration_prompts(data_path: str, tokenizer: ChatGLM2Tokenizer, num_sample
         raise InputError(f"--data_path {data_path} does not exist; give a C-Eval .jsonl (or _val.csv) file")
     items, _ = read_csv(file, False) if file.suffix == ".csv" else read_jsonl(file, False)
     texts = [text for text, _ in items][:num_samples]
-    return [tokenizer.encode(tokenizer.build_prompt(text)) for text in texts]
+    return [chat_input(tokenizer, text, []) for text in texts]
 
 
 def main() -> None:
@@ -68,7 +69,7 @@ def main() -> None:
     if args.num_samples is not None and args.num_samples < 1:
         raise InputError(f"--num_samples must be at least 1, got {args.num_samples}")
     read_config(args.float_weight)  # a missing checkpoint is named as such, not as a missing tokenizer
-    tokenizer = ChatGLM2Tokenizer.from_pretrained(args.float_weight)
+    tokenizer = load_tokenizer(args.float_weight)
     prompts = calibration_prompts(args.data_path, tokenizer, args.num_samples)
     quant_export.export(args.float_weight, prompts, args.quant_weight, smooth=args.smooth, alpha=args.smooth_alpha,
                         percentile=args.percentile if args.act_method == "percentile" else None,

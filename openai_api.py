@@ -1,4 +1,5 @@
-"""An OpenAI-compatible API for ChatGLM2-6B (THUDM's openai_api.py, on this project's continuous-batching engine).
+"""An OpenAI-compatible API for ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat (THUDM's openai_api.py, on this project's
+continuous-batching engine), with tool calling for ChatGLM3 and GLM-4.
 
     python openai_api.py --model_path CKPT                        # http://127.0.0.1:8000/v1
     torchrun --nproc_per_node N --master_port 2000 openai_api.py --model_path CKPT --tp_size N
@@ -16,7 +17,7 @@ import uvicorn
 from chatglm2.cli import ArgumentParser, add_model_args, add_server_args, ignore_stop_signals, run_cli, serve
 from chatglm2.engine import Engine
 from chatglm2.openai_server import OpenAIServer, build_app
-from chatglm2.tokenizer import ChatGLM2Tokenizer
+from chatglm2.tokenizer import MODEL_NAMES, ChatGLM2Tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="when given, every request must carry the header Authorization: Bearer API_KEY")
     parser.add_argument("--max_waiting", type=int, default=64,
                         help="requests that may wait for a slot; beyond that the server answers 503 (default 64)")
-    parser.add_argument("--model_name", default="chatglm2-6b", help="the model id /v1/models lists")
+    parser.add_argument("--model_name", default=None,
+                        help="the model id /v1/models lists (default: chatglm2-6b, chatglm3-6b or glm-4-9b-chat, as the "
+                             "checkpoint's tokenizer says)")
     args = parser.parse_args(argv)
     if args.max_waiting < 0:
         parser.error(f"--max_waiting must be at least 0, got {args.max_waiting}")
@@ -39,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     def run_api(engine: Engine, tokenizer: ChatGLM2Tokenizer) -> None:
-        app = build_app(OpenAIServer(engine, tokenizer, args.model_name, args.api_key))
-        print(f"serving {Path(args.model_path).resolve().name} as {args.model_name!r} at "
+        model_name = args.model_name or MODEL_NAMES[tokenizer.chat_family][1]
+        app = build_app(OpenAIServer(engine, tokenizer, model_name, args.api_key))
+        print(f"serving {Path(args.model_path).resolve().name} as {model_name!r} at "
               f"http://{args.server_name}:{args.server_port}/v1 (max_batch {args.max_batch})", flush=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the handler that was
         # there before it: let that one ignore it, so a stopped server exits with status 0.

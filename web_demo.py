@@ -1,4 +1,5 @@
-"""ChatGLM2-6B chat page (Gradio), as THUDM's web_demo.py, served from this project's model.
+"""The chat page (Gradio) of ChatGLM2-6B, ChatGLM3-6B or GLM-4-9B-chat, as THUDM's web_demo.py, served from this
+project's model (with a system prompt box for ChatGLM3 and GLM-4).
 
     python web_demo.py --model_path CKPT
     torchrun --nproc_per_node N --master_port 2000 web_demo.py --model_path CKPT --tp_size N
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from chatglm2.cli import ArgumentParser, add_model_args, add_server_args, run_cli, serve
 from chatglm2.engine import Engine
-from chatglm2.tokenizer import ChatGLM2Tokenizer
+from chatglm2.tokenizer import MODEL_NAMES, ChatGLM2Tokenizer
 from chatglm2.web_page import build_page
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         # torchrun and service managers stop with SIGTERM; make it close the server like Ctrl+C does.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         model = engine.model
-        title = (f"ChatGLM2-6B ({Path(args.model_path).resolve().name}) on {model.device.type.upper()}, "
+        title = (f"{MODEL_NAMES[tokenizer.chat_family][0]} ({Path(args.model_path).resolve().name}) on {model.device.type.upper()}, "
                  f"{str(model.dtype).removeprefix('torch.')}, tp_size {args.tp_size}")
         build_page(engine, tokenizer, title).queue(default_concurrency_limit=args.max_batch).launch(
             server_name=args.server_name, server_port=args.server_port, share=args.share)

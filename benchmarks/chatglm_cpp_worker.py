@@ -4,9 +4,10 @@
     $PEER -m benchmarks.chatglm_cpp_worker convert --model_path CKPT --ggml_type q8_0 --out model-q8_0.bin
     $PEER -m benchmarks.chatglm_cpp_worker time --ggml model-q8_0.bin --prompt_len 128 --new_tokens 16
 
-`convert` writes chatglm.cpp's GGML file from a checkpoint in the Hugging Face layout with chatglm-cpp's own
-ChatGLM2Converter, fed the checkpoint's tensors, config.json and tokenizer.model directly (its command-line converter
-wants transformers' AutoModel with trust_remote_code, which a random-weight checkpoint has no code for).
+`convert` writes chatglm.cpp's GGML file from a checkpoint in the Hugging Face layout with chatglm-cpp's own converter
+for the checkpoint's family (ChatGLM2Converter, ChatGLM3Converter or ChatGLM4Converter, the family told by the files
+as load_tokenizer tells it), fed the checkpoint's tensors, config.json and tokenizer.model directly (its command-line
+converter wants transformers' AutoModel with trust_remote_code, which a random-weight checkpoint has no code for).
 `time` imports chatglm_cpp only (no torch, whose memory would count against the peer), then runs the same greedy loop
 as chatglm.cpp's Pipeline: one generate_next_token over the prompt, then one per new token; prints one JSON line.
 chatglm.cpp has no batched generation, so it is timed at batch 1 only. It takes its thread count from
@@ -39,17 +40,28 @@ class SentencePieceModel:
 def convert(model_path: Path, ggml_type: str, out: Path) -> None:
     from chatglm2.atomic import atomic_file
     from chatglm2.checkpoint import iter_tensors, read_config
-    from chatglm_cpp.convert import ChatGLM2Converter, GGMLType
+    from chatglm2.tokenizer import load_tokenizer
+    from chatglm_cpp.convert import ChatGLM2Converter, ChatGLM3Converter, ChatGLM4Converter, GGMLType
 
-    config = SimpleNamespace(**{**CONFIG_DEFAULTS, **read_config(model_path)})
+    config = {**CONFIG_DEFAULTS, **read_config(model_path)}
+    ours = load_tokenizer(model_path)
+    if ours.chat_family == "glm4":
+        # The converter stores the tiktoken ranks file as it is; chatglm.cpp numbers GLM-4's special tokens after the
+        # ranks itself. Its format holds one eos id, which its own convert() takes from the tokenizer (<|endoftext|>):
+        # config.json's is a list.
+        tokenizer = SimpleNamespace(vocab_file=model_path / "tokenizer.model")
+        config["eos_token_id"] = ours.eos_token_id
+    else:
+        tokenizer = SimpleNamespace(tokenizer=SimpleNamespace(
+            sp_model=SentencePieceModel((model_path / "tokenizer.model").read_bytes())))
+    converter = {"chatglm2": ChatGLM2Converter, "chatglm3": ChatGLM3Converter, "glm4": ChatGLM4Converter}[
+        ours.chat_family]
     state = {name: tensor for name, tensor in iter_tensors(model_path)}  # .bin shards stay memory-mapped
-    model = SimpleNamespace(config=config, state_dict=lambda: state)
-    tokenizer = SimpleNamespace(tokenizer=SimpleNamespace(
-        sp_model=SentencePieceModel((model_path / "tokenizer.model").read_bytes())))
+    model = SimpleNamespace(config=SimpleNamespace(**config), state_dict=lambda: state)
     start = time.perf_counter()
     with atomic_file(out) as tmp, open(tmp, "wb") as f:
-        ChatGLM2Converter.convert(f, model, tokenizer, GGMLType[ggml_type.upper()])
-    emit({"converted": str(out), "ggml_type": ggml_type, "bytes": out.stat().st_size,
+        converter.convert(f, model, tokenizer, GGMLType[ggml_type.upper()])
+    emit({"converted": str(out), "family": ours.chat_family, "ggml_type": ggml_type, "bytes": out.stat().st_size,
           "convert_s": time.perf_counter() - start})
 
 

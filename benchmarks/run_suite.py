@@ -3,7 +3,8 @@
     bash benchmarks/setup_peers.sh            # once, ~8 min: builds chatglm.cpp's Python package in its own venv
     python -m benchmarks.run_suite            # ChatGLM2-6B's width with 4 layers (random weights), batch 1 and 8
     python -m benchmarks.run_suite --num_layers 28       # the whole 6B shape, where memory allows
-    python -m benchmarks.run_suite --model_path CKPT     # any ChatGLM2 checkpoint, e.g. THUDM/chatglm2-6b itself
+    python -m benchmarks.run_suite --family glm4         # GLM-4-9B-chat's width (its 151,552-token vocabulary)
+    python -m benchmarks.run_suite --model_path CKPT     # any ChatGLM2, ChatGLM3 or GLM-4 checkpoint, e.g. THUDM's
 
 Engines, each timed in its own process (so each peak RSS is its own), sequentially:
   ours                 this project (default dtype: bf16 on a CPU with native bf16, fp16 on GPU)
@@ -39,8 +40,9 @@ from benchmarks.common import parse_result
 from chatglm2.atomic import write_text_atomic
 from chatglm2.checkpoint import read_config
 from chatglm2.device import default_dtype
-from chatglm2.random_checkpoint import CORPUS, FULL_WIDTH, write_demo_checkpoint
+from chatglm2.random_checkpoint import CORPUS, FAMILIES, full_width, write_demo_checkpoint
 from chatglm2.tensor_parallel import source_fingerprint
+from chatglm2.tokenizer import MODEL_NAMES, load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -332,19 +334,25 @@ def shown_path(path: str) -> str:
 
 def ensure_checkpoint(args: argparse.Namespace) -> None:
     if args.model_path is None:
-        args.model_path = str(ROOT / f"bench_ckpt_full_L{args.num_layers}")
+        # ChatGLM2's keeps the name it has always had, so existing checkpoints and cached GGML files are reused
+        name = "full" if args.family == "chatglm2" else args.family
+        args.model_path = str(ROOT / f"bench_ckpt_{name}_L{args.num_layers}")
         if not (Path(args.model_path) / "config.json").is_file():
-            print(f"writing a random-weight checkpoint of ChatGLM2-6B's width with {args.num_layers} layers to "
-                  f"{args.model_path}", flush=True)
+            print(f"writing a random-weight checkpoint of {MODEL_NAMES[args.family][0]}'s width with "
+                  f"{args.num_layers} layers to {args.model_path}", flush=True)
             write_demo_checkpoint(args.model_path, num_layers=args.num_layers, num_shards=min(args.num_layers + 1, 7),
-                                  **FULL_WIDTH)
+                                  family=args.family, **full_width(args.family))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", help="checkpoint to run (default: a random one of the full width, written "
-                                             "to bench_ckpt_full_L{num_layers}/ if missing)")
-    parser.add_argument("--num_layers", type=int, default=4, help="layers of the default checkpoint (28 = all)")
+    parser.add_argument("--model_path", help="checkpoint to run (default: a random one of --family's full width, "
+                                             "written to bench_ckpt_full_L{num_layers}/ for chatglm2, "
+                                             "bench_ckpt_{family}_L{num_layers}/ otherwise, if missing)")
+    parser.add_argument("--family", choices=FAMILIES, default="chatglm2",
+                        help="model whose files and width the default checkpoint has (ignored with --model_path)")
+    parser.add_argument("--num_layers", type=int, default=4,
+                        help="layers of the default checkpoint (all: 28 for chatglm2 and chatglm3, 40 for glm4)")
     parser.add_argument("--engines", help=f"comma-separated, from {', '.join(ENGINES)} "
                                           f"(default: {DEFAULT_ENGINES['cpu']} on CPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -372,6 +380,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     ensure_checkpoint(args)
     config = read_config(args.model_path)
+    family = load_tokenizer(args.model_path).chat_family  # from the files: --model_path may name any family's
     total_params, decode_params = param_counts(config)
 
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -395,7 +404,7 @@ def main() -> None:
                 **{"chatglm-cpp": r["version"] for r in results if "version" in r}}
     shape = {key: config[key] for key in ("num_layers", "hidden_size", "ffn_hidden_size", "padded_vocab_size")}
     report = {"date": started.isoformat(timespec="seconds"), "command": " ".join(sys.argv), "machine": machine,
-              "checkpoint": str(args.model_path), "shape": shape, "parameters": total_params,
+              "checkpoint": str(args.model_path), "family": family, "shape": shape, "parameters": total_params,
               "decode_parameters": decode_params, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "threads": args.threads, "versions": versions, "bandwidth": bandwidth,
               "results": records}
@@ -403,8 +412,9 @@ def main() -> None:
         f"{started:%Y-%m-%d %H:%M} UTC, {machine['cpu']}, {machine['cores']} cores, {machine['memory_GiB']} GiB, "
         f"{machine['device']}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
         + ", ".join(f"{name} {version}" for name, version in versions.items()),
-        f"checkpoint {shown_path(args.model_path)}: {shape['num_layers']} layers of hidden {shape['hidden_size']}, FFN "
-        f"{shape['ffn_hidden_size']}, vocab {shape['padded_vocab_size']} ({total_params / 1e6:,.0f} M parameters)",
+        f"checkpoint {shown_path(args.model_path)} ({MODEL_NAMES[family][0]}'s files): {shape['num_layers']} layers "
+        f"of hidden {shape['hidden_size']}, FFN {shape['ffn_hidden_size']}, vocab {shape['padded_vocab_size']} "
+        f"({total_params / 1e6:,.0f} M parameters)",
         f"prompt {args.prompt_len} tokens, {args.new_tokens - 1} decode steps, best of {args.repeats} runs, "
         f"{args.threads} threads; read bandwidth {bandwidth['read_GBps']:.1f} GB/s (best of before and after)",
     ]

@@ -4,6 +4,7 @@ For each question, as THUDM's ChatGLM2-6B evaluation/evaluate_ceval.py (which th
   1. greedy generation of up to 512 new tokens on the chat prompt build_prompt(question);
   2. one forward pass on build_prompt(question + response + "\\n综上所述，ABCD中正确的选项是："); the prediction is the
      argmax of the last position's logits over the first token ids of "A", "B", "C" and "D".
+ChatGLM3 and GLM-4 get the same two stages in their own chat format (question_ids).
 Stage 1 streams a subject's questions through --batch engine rows (a finished answer's row takes the
 next question); stage 2 scores them in batches of --batch, left padded. The dataset is either THUDM's processed jsonl release
 (val/<Category>/<subject>.jsonl) or the official ceval-exam CSV release (val/<subject>_val.csv).
@@ -27,6 +28,7 @@ from chatglm2 import collectives
 from chatglm2.engine import Engine, SamplingParams
 from chatglm2.atomic import write_text_atomic
 from chatglm2.errors import InputError
+from chatglm2.batch_encode import pad_left
 
 CHOICES = "ABCD"
 EXTRACTION_PROMPT = "综上所述，ABCD中正确的选项是："
@@ -175,6 +177,16 @@ def choice_token_ids(tokenizer) -> list[int]:
     return [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in CHOICES]
 
 
+def question_ids(tokenizer, text: str) -> list[int]:
+    """A C-Eval prompt in the model's chat format: THUDM's evaluate_ceval.py builds ChatGLM2's `[Round 1]` prompt.
+    ChatGLM3 and GLM-4 get the text as the user's message and the assistant's header line (its empty metadata and
+    newline, as their chat encodes an answer), so that the next token begins the answer as in ChatGLM2's prompt."""
+    if tokenizer.chat_family == "chatglm2":
+        return tokenizer.encode(tokenizer.build_prompt(text))
+    return tokenizer.build_chat_input([{"role": "user", "content": text}]) + \
+        tokenizer.encode("\n", add_special_tokens=False)
+
+
 def suffix_len(tokenizer) -> int:
     """Tokens that stage 2 adds after the answer: MAX_SEQ_LEN must keep room for them."""
     return len(tokenizer.encode("\n" + EXTRACTION_PROMPT, add_special_tokens=False))
@@ -202,10 +214,11 @@ def answer_questions(engine: Engine, tokenizer, questions: list[str], max_new_to
     suffix = suffix_len(tokenizer)
     requests, smallest = [], max_new_tokens
     for question in questions:
-        prompt_ids = tokenizer.encode(tokenizer.build_prompt(question))
+        prompt_ids = question_ids(tokenizer, question)
         budget = stage1_budget(len(prompt_ids), suffix, max_new_tokens, model.max_seq_len)
         smallest = min(smallest, budget)
-        requests.append(engine.submit(prompt_ids, SamplingParams(max_new_tokens=budget)))
+        requests.append(engine.submit(prompt_ids, SamplingParams(max_new_tokens=budget,
+                                                                 stop_token_ids=tokenizer.chat_stop_ids)))
     pending = list(requests)
     while pending:
         engine.step()
@@ -216,8 +229,9 @@ def answer_questions(engine: Engine, tokenizer, questions: list[str], max_new_to
     predictions = []
     for start in range(0, len(questions), batch):
         # THUDM wraps question + response + extraction prompt in a fresh chat prompt (not the stage-1 prompt + response).
-        inputs = tokenizer([tokenizer.build_prompt(f"{question}{response}\n{EXTRACTION_PROMPT}")
-                            for question, response in zip(questions[start:start + batch], responses[start:start + batch])])
+        inputs = pad_left([question_ids(tokenizer, f"{question}{response}\n{EXTRACTION_PROMPT}")
+                           for question, response in zip(questions[start:start + batch], responses[start:start + batch])],
+                          tokenizer.pad_token_id)
         logits = model(**inputs, last_logit_only=True)[:, -1, choice_token_ids(tokenizer)]
         predictions += logits.argmax(dim=-1).tolist()
     return predictions, smallest
@@ -347,7 +361,7 @@ def prepare_evaluation(tokenizer, dataset: str | Path, output_file: str | Path, 
     # Every rank reads the file, so all take the same resume decision; rank 0 rewrites it only after a subject's
     # collectives, which the other ranks join after this read.
     records = load_records(output)
-    longest = max(len(tokenizer.encode(tokenizer.build_prompt(q))) for s in subjects for q in s.questions)
+    longest = max(len(question_ids(tokenizer, q)) for s in subjects for q in s.questions)
     stage1_budget(longest, suffix_len(tokenizer), max_new_tokens, max_seq_len)
     return Evaluation(Path(dataset), layout, subjects, output, records, max_new_tokens)
 

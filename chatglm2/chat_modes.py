@@ -7,10 +7,12 @@ import torch
 
 from chatglm2 import collectives
 from chatglm2.errors import InputError
+from chatglm2.generation import chat_input
+from chatglm2.tokenizer import MODEL_NAMES
 
 SINGLE_QUESTION = "下列选项中，属于我国古代四大发明的是____。\nA. 丝绸\nB. 瓷器\nC. 火药\nD. 茶叶"
 SINGLE_MAX_NEW_TOKENS = 512
-WELCOME = "欢迎使用 ChatGLM2-6B 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
+WELCOME = "欢迎使用 {model} 模型，输入内容即可进行对话，clear 清空对话历史，stop 终止程序"
 NOT_UTF8 = "[the input is not UTF-8 text (is the terminal set to another encoding?); it was ignored]"
 
 
@@ -22,7 +24,7 @@ def printable(text: str) -> str:
 
 
 def single_prompt(tokenizer) -> list[int]:
-    return tokenizer.encode(tokenizer.build_prompt(SINGLE_QUESTION))
+    return chat_input(tokenizer, SINGLE_QUESTION, [])
 
 
 def single_max_new_tokens(prompt_ids: list[int], max_seq_len: int) -> int:
@@ -40,7 +42,7 @@ def precision_single(model, tokenizer, batch: int) -> None:
     max_new_tokens = single_max_new_tokens(prompt_ids, model.max_seq_len)
     input_ids = torch.tensor([prompt_ids]).expand(batch, -1)  # tokenized once: every row is the same
     start = time.perf_counter()
-    output_ids = model.generate(input_ids, max_new_tokens=max_new_tokens)
+    output_ids = model.generate(input_ids, max_new_tokens=max_new_tokens, stop_token_ids=tokenizer.chat_stop_ids)
     elapsed = time.perf_counter() - start
     if collectives.is_rank0():
         print(f"问：{SINGLE_QUESTION}")
@@ -70,9 +72,10 @@ def cli_demo(model, tokenizer) -> None:
     """Streaming chat with history; `clear` forgets the history, `stop` (or end of input) quits."""
     rank0 = collectives.is_rank0()
     history = []
+    welcome = WELCOME.format(model=MODEL_NAMES[tokenizer.chat_family][0])
     if rank0:
         sys.stdin.reconfigure(errors="surrogateescape")  # a line that is not UTF-8 must not end the session
-        print(WELCOME, flush=True)
+        print(welcome, flush=True)
     while True:
         query = read_user_turn().strip()
         if query == "stop":
@@ -80,7 +83,7 @@ def cli_demo(model, tokenizer) -> None:
         if query == "clear":
             history = []
             if rank0:
-                print("\n" + WELCOME, flush=True)  # piped input is not echoed: leave the prompt's line first
+                print("\n" + welcome, flush=True)  # piped input is not echoed: leave the prompt's line first
             continue
         if not query:
             continue

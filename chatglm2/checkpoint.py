@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from chatglm2.atomic import atomic_directory, atomic_file, honour_umask, write_text_atomic
 from chatglm2.errors import InputError
+from chatglm2.hf_layout import EMBEDDING, chatglm_config, is_hf_config, tensor_sources
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -33,7 +34,7 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(config, dict):
         raise InputError(f"{config_file} holds {json.dumps(config)[:40]}, not a JSON object of model settings; restore it "
                          f"from the original checkpoint")
-    return config
+    return chatglm_config(config) if is_hf_config(config) else config
 
 
 def read_weight_map(index_file: Path) -> dict[str, str]:
@@ -54,8 +55,22 @@ def read_weight_map(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
+def weight_parts(path: str | Path) -> dict[str, list[tuple[str, Path]]]:
+    """Every tensor by THUDM's name -> the (stored name, file) pairs it is read from: itself, or in transformers'
+    layout the projections it concatenates (hf_layout.py)."""
+    stored = stored_weight_files(path)
+    if EMBEDDING not in stored:
+        return {name: [(name, file)] for name, file in stored.items()}
+    return {name: [(part, stored[part]) for part in parts] for name, parts in tensor_sources(list(stored)).items()}
+
+
 def weight_files(path: str | Path) -> dict[str, Path]:
-    """Map every tensor name to the file holding it, after checking that every file exists."""
+    """Every tensor by THUDM's name -> the file holding it (its last part's, in transformers' layout)."""
+    return {name: parts[-1][1] for name, parts in weight_parts(path).items()}
+
+
+def stored_weight_files(path: str | Path) -> dict[str, Path]:
+    """Map every stored tensor name to the file holding it, after checking that every file exists."""
     path = Path(path)
     for index_name in INDEX_FILES:
         index_file = path / index_name
@@ -126,43 +141,40 @@ def files_fingerprint(files: Iterable[Path]) -> str:
 
 
 class CheckpointReader:
-    """Tensors of a checkpoint by name, without loading the rest (safetensors reads lazily; .bin shards are
+    """Tensors of a checkpoint by THUDM's name, without loading the rest (safetensors reads lazily; .bin shards are
     memory-mapped, the last one kept open since callers ask for layers in order)."""
 
     def __init__(self, path: str | Path):
-        self.path, self.files = Path(path), weight_files(path)
+        self.path, self.parts = Path(path), weight_parts(path)
         self._bin_file, self._bin = None, None
 
     def __call__(self, name: str) -> torch.Tensor:
-        if name not in self.files:
+        if name not in self.parts:
             raise InputError(f"{self.path} lacks tensor {name}; the checkpoint is incomplete")
-        file = self.files[name]
+        pieces = [self._stored(part, file) for part, file in self.parts[name]]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _stored(self, name: str, file: Path) -> torch.Tensor:
         if file.suffix == ".safetensors":
             with open_safetensors(file) as f:
                 return f.get_tensor(name)
         if file != self._bin_file:
             self._bin_file, self._bin = file, _load_bin(file)
+        if name not in self._bin:
+            raise InputError(f"{file.name} lacks tensor {name} that the index places there; the shard is corrupt")
         return self._bin[name]
 
 
 def iter_shards(path: str | Path, wanted: Iterable[str] | None = None) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
     """Yield (file, {name: tensor}) one weight file at a time, so at most one shard is mapped at once. With `wanted`,
     only those tensors are read (safetensors reads lazily; a .bin shard is memory-mapped, so others stay on disk)."""
+    read = CheckpointReader(path)
     files = weight_files(path)
     if wanted is not None:
         wanted = set(wanted)
         files = {name: file for name, file in files.items() if name in wanted}
     for file in sorted(set(files.values())):
-        names = [name for name, f in files.items() if f == file]
-        if file.suffix == ".safetensors":
-            with open_safetensors(file) as f:
-                yield file, {name: f.get_tensor(name) for name in names}
-            continue
-        shard = _load_bin(file)
-        missing = [name for name in names if name not in shard]
-        if missing:
-            raise InputError(f"{file.name} lacks tensor {missing[0]} that the index places there; the shard is corrupt")
-        yield file, {name: shard[name] for name in names}
+        yield file, {name: read(name) for name, f in files.items() if f == file}
 
 
 def iter_tensors(path: str | Path, wanted: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

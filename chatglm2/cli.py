@@ -20,7 +20,7 @@ from chatglm2.engine import Engine
 from chatglm2.errors import InputError
 from chatglm2.kv_pool import full_length_tokens
 from chatglm2.memory import DEFAULT_KV_CACHE_MEMORY, kv_cache_tokens_in
-from chatglm2.tokenizer import ChatGLM2Tokenizer
+from chatglm2.tokenizer import ChatGLM2Tokenizer, load_tokenizer
 from chatglm2.weight_only import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, describe
 from chatglm2.weight_only_linear import GROUP_SIZES
 
@@ -116,7 +116,7 @@ def open_checkpoint(args: argparse.Namespace) -> Checkpoint:
     device = select_device(args.backend, args.device + collectives.launched_rank())
     tp_rank = collectives.init_tensor_parallel(args.tp_size, device, settings.tp_timeout_s())
     read_config(args.model_path)
-    return Checkpoint(device, tp_rank, ChatGLM2Tokenizer.from_pretrained(args.model_path))
+    return Checkpoint(device, tp_rank, load_tokenizer(args.model_path))
 
 
 def load_model(args: argparse.Namespace, checkpoint: Checkpoint, kv_cache_tokens: int):

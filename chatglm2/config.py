@@ -13,6 +13,8 @@ JSON_TYPES = {
     bool: ("true or false", lambda v: isinstance(v, bool)),
     list[int]: ("a list of integers", lambda v: isinstance(v, list) and all(JSON_TYPES[int][1](i) for i in v)),
 }
+JSON_TYPES[int | list[int]] = ("an integer or a list of integers",
+                               lambda v: JSON_TYPES[int][1](v) or (JSON_TYPES[list[int]][1](v) and len(v) > 0))
 
 
 @dataclass
@@ -29,7 +31,7 @@ class ChatGLM2Config:
     layernorm_epsilon: float = 1e-5
     add_qkv_bias: bool = True
     rope_ratio: float = 1.0
-    eos_token_id: int = 2
+    eos_token_id: int | list[int] = 2  # GLM-4 lists three: <|endoftext|>, <|user|>, <|observation|>
     pad_token_id: int = 0
     float_layers_id: list[int] = field(default_factory=lambda: [0])
     quantization_bit: int = 0  # THUDM's weight-only checkpoints (chatglm2-6b-int4): 4 or 8; 0 = float
@@ -62,6 +64,10 @@ class ChatGLM2Config:
         if small:
             raise InputError(f"config.json sets {small[0]} to {values[small[0]]}; it must be at least 1")
         return cls(**values)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else (self.eos_token_id,)
 
     @property
     def kv_groups(self) -> int:

@@ -46,7 +46,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings; they need the engine's tokenizer
-    eos_token_id: int | None = None  # None: the model's
+    eos_token_id: int | None = None  # None: the model's (config.json's, one or a list)
+    stop_token_ids: tuple[int, ...] = ()  # a chat format's end-of-turn tokens, e.g. ChatGLM3's <|user|>
     ignore_eos: bool = False
 
 
@@ -328,8 +329,8 @@ class Engine:
 
     def _finish_reason(self, request: Request, token: int) -> str | None:
         params, count = request.params, len(request.tokens) + 1
-        eos = self.model.config.eos_token_id if params.eos_token_id is None else params.eos_token_id
-        if token == eos and not params.ignore_eos:
+        eos = self.model.config.eos_token_ids if params.eos_token_id is None else (params.eos_token_id,)
+        if (token in eos or token in params.stop_token_ids) and not params.ignore_eos:
             return "stop"
         if params.stop and any(stop in self.tokenizer.decode(request.tokens + [token]) for stop in params.stop):
             return "stop"

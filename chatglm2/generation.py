@@ -5,7 +5,7 @@ step is one prefill of every row and each later step one decode step of every un
 semantics. Under tensor parallel every rank calls these with the same arguments and gets the same tokens.
 """
 import random
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from chatglm2.tokenizer import ChatGLM2Tokenizer
 def generate_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     do_sample: bool, temperature: float, top_p: float, top_k: int, eos_token_id: int | None,
                     pad_token_id: int | None, ignore_eos: bool, seed: int | None,
-                    prefix_caching: bool = True) -> Iterator[torch.Tensor]:
+                    prefix_caching: bool = True, stop_token_ids: Sequence[int] = ()) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [batch] per step; rows that finished get pad_token_id. The model's KV pool
     outlives the call, so with prefix_caching a later prompt that starts as this one (or as its answer's
     continuation: the next turn of a chat) prefills only what is new."""
@@ -38,7 +38,8 @@ def generate_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                               SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                              temperature=temperature, top_p=top_p, top_k=top_k,
                                              seed=None if base_seed is None else base_seed + i,
-                                             eos_token_id=eos_token_id, ignore_eos=ignore_eos))
+                                             eos_token_id=eos_token_id, ignore_eos=ignore_eos,
+                                             stop_token_ids=tuple(stop_token_ids)))
                 for i, (row, keep) in enumerate(zip(input_ids.cpu(), mask.cpu()))]
     try:
         for step in range(max_new_tokens):
@@ -50,20 +51,39 @@ def generate_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         engine.close()  # a caller that stops early leaves no block of the pool held
 
 
-def stream_chat(model, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[tuple[str, str]] | None,
-                max_length: int, do_sample: bool, top_p: float, temperature: float, top_k: int,
-                seed: int | None) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-    """Yield (response so far, history + [(query, response)]) as THUDM's stream_chat does."""
+def stream_chat(model, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[Any] | None, max_length: int,
+                do_sample: bool, top_p: float, temperature: float, top_k: int, seed: int | None,
+                system: str | None = None) -> Iterator[tuple[str, list[Any]]]:
+    """Yield (response so far, history with this turn) as THUDM's stream_chat does: ChatGLM2's history is (query,
+    response) pairs, ChatGLM3's and GLM-4's a list of {"role", "content"} messages (which may start with a system
+    message). `system` puts a system message before the conversation."""
     history = list(history or [])
     if not query.strip():
         raise InputError("the message is empty; type something to ask")
-    input_ids = tokenizer(tokenizer.build_prompt(query, history))["input_ids"]
-    budget = answer_budget(input_ids.shape[1], max_length, model.max_seq_len)
-    tokens = (int(token[0]) for token in model.generate_stream(input_ids, max_new_tokens=budget, do_sample=do_sample,
-                                                               top_p=top_p, temperature=temperature, top_k=top_k,
-                                                               seed=seed))
-    for response in response_texts(tokenizer, tokens, model.config.eos_token_id):
-        yield response, history + [(query, response)]
+    prompt_ids = chat_input(tokenizer, query, history, system)
+    budget = answer_budget(len(prompt_ids), max_length, model.max_seq_len)
+    tokens = (int(token[0]) for token in model.generate_stream(torch.tensor([prompt_ids]), max_new_tokens=budget,
+                                                               do_sample=do_sample, top_p=top_p,
+                                                               temperature=temperature, top_k=top_k, seed=seed,
+                                                               stop_token_ids=tokenizer.chat_stop_ids))
+    for response in response_texts(tokenizer, tokens, tokenizer.chat_stop_ids):
+        yield response, history_with(tokenizer, history, query, response)
+
+
+def chat_input(tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[Any], system: str | None = None) -> list[int]:
+    """A chat turn's prompt ids in the model's own format: ChatGLM2's `[Round N]` text (a system message glued
+    before the first question), or ChatGLM3's / GLM-4's role messages."""
+    if tokenizer.chat_family == "chatglm2":
+        query, pairs = chat_history(system, list(history), query)
+        return tokenizer.encode(tokenizer.build_prompt(query, pairs))
+    system_message = [{"role": "system", "content": system}] if system else []
+    return tokenizer.build_chat_input(system_message + list(history) + [{"role": "user", "content": query}])
+
+
+def history_with(tokenizer: ChatGLM2Tokenizer, history: list[Any], query: str, response: str) -> list[Any]:
+    if tokenizer.chat_family == "chatglm2":
+        return history + [(query, response)]
+    return history + [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
 
 
 def answer_budget(prompt_len: int, max_length: int, max_seq_len: int) -> int:
@@ -75,12 +95,12 @@ def answer_budget(prompt_len: int, max_length: int, max_seq_len: int) -> int:
     return limit - prompt_len
 
 
-def response_texts(tokenizer: ChatGLM2Tokenizer, tokens: Iterable[int], eos_token_id: int) -> Iterator[str]:
-    """The growing answer, stripped, after each new token up to EOS (skipping states that end in a split multi-byte
-    character), then the final one if it differs: what a chat page shows."""
+def response_texts(tokenizer: ChatGLM2Tokenizer, tokens: Iterable[int], stop_ids: Sequence[int]) -> Iterator[str]:
+    """The growing answer, stripped, after each new token up to a stop token (skipping states that end in a split
+    multi-byte character), then the final one if it differs: what a chat page shows."""
     ids, response = [], ""
     for token in tokens:
-        if token == eos_token_id:
+        if token in stop_ids:
             break
         ids.append(token)
         text = tokenizer.decode(ids)

@@ -10,7 +10,7 @@ the step can be compiled and captured in a CUDA graph). Attention reads only the
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -362,15 +362,18 @@ class ChatGLM2ForCausalLM(nn.Module):
                         max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
                         top_p: float = 1.0, top_k: int = 0, eos_token_id: int | None = None,
                         pad_token_id: int | None = None, ignore_eos: bool = False,
-                        seed: int | None = None, prefix_caching: bool = True) -> Iterator[torch.Tensor]:
+                        seed: int | None = None, prefix_caching: bool = True,
+                        stop_token_ids: Sequence[int] = ()) -> Iterator[torch.Tensor]:
         """Yield the next token of every row [batch] per step: a prefill, then one-token decode steps.
 
-        Rows that finished (EOS) get pad_token_id; it stops when every row has finished, unless ignore_eos. Every
-        row is a request of its own on the continuous-batching engine, admitted together. With prefix_caching, the
-        blocks of the KV pool that earlier calls left cached are reused where a prompt starts with their tokens.
+        Rows that finished (EOS, or one of stop_token_ids) get pad_token_id; it stops when every row has finished,
+        unless ignore_eos. Every row is a request of its own on the continuous-batching engine, admitted together.
+        With prefix_caching, the blocks of the KV pool that earlier calls left cached are reused where a prompt starts
+        with their tokens.
         """
         return generation.generate_stream(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                                          top_p, top_k, eos_token_id, pad_token_id, ignore_eos, seed, prefix_caching)
+                                          top_p, top_k, eos_token_id, pad_token_id, ignore_eos, seed, prefix_caching,
+                                          stop_token_ids)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 256,
                  **kwargs) -> torch.Tensor:
@@ -378,18 +381,19 @@ class ChatGLM2ForCausalLM(nn.Module):
         tokens = list(self.generate_stream(input_ids, attention_mask, max_new_tokens, **kwargs))
         return torch.stack(tokens, dim=1)
 
-    def stream_chat(self, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[tuple[str, str]] | None = None,
+    def stream_chat(self, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[Any] | None = None,
                     max_length: int = 8192, do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,
-                    top_k: int = 0, seed: int | None = None) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-        """Yield (response so far, history + [(query, response)]) as THUDM's stream_chat does.
+                    top_k: int = 0, seed: int | None = None, system: str | None = None) -> Iterator[tuple[str, list]]:
+        """Yield (response so far, history with this turn) as THUDM's stream_chat does: ChatGLM2's history is
+        (query, response) pairs, ChatGLM3's and GLM-4's {"role", "content"} messages; `system` adds a system message.
 
         max_length counts prompt and answer together and is capped at MAX_SEQ_LEN.
         """
         return generation.stream_chat(self, tokenizer, query, history, max_length, do_sample, top_p, temperature,
-                                      top_k, seed)
+                                      top_k, seed, system)
 
-    def chat(self, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[tuple[str, str]] | None = None,
-             **kwargs) -> tuple[str, list[tuple[str, str]]]:
+    def chat(self, tokenizer: ChatGLM2Tokenizer, query: str, history: Sequence[Any] | None = None,
+             **kwargs) -> tuple[str, list]:
         response, new_history = "", list(history or [])
         for response, new_history in self.stream_chat(tokenizer, query, history, **kwargs):
             pass

@@ -1,16 +1,17 @@
 """An OpenAI-compatible HTTP API (openai_api.py) over the continuous-batching engine.
 
 GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/chat/completions, POST /v1/completions; streaming
-as server-sent events in OpenAI's chunk shape ending with `data: [DONE]`; errors in OpenAI's shape. Each choice is
-an engine request; the engine thread tells the event loop about new tokens, so any number of clients wait without a
-thread each. A client that disconnects cancels its requests.
+as server-sent events in OpenAI's chunk shape ending with `data: [DONE]`; errors in OpenAI's shape. Chat prompts are
+built in the model's own format; ChatGLM3 and GLM-4 take `tools` and answer with `tool_calls` (tool_calls.py). Each
+choice is an engine request; the engine thread tells the event loop about new tokens, so any number of clients wait
+without a thread each. A client that disconnects cancels its requests.
 """
 import asyncio
 import json
 import queue
 import time
 import uuid
-from typing import AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +23,7 @@ from chatglm2.engine import Engine, EngineFull, SamplingParams
 from chatglm2.errors import InputError
 from chatglm2.generation import chat_history
 from chatglm2.metrics import metrics_registry
+from chatglm2.tool_calls import ToolCall, chat_messages, may_become_tool_call, parse_tool_call
 
 RETRY_AFTER_S = 1
 MAX_STOP_STRINGS = 4
@@ -52,13 +54,40 @@ class Settings(BaseModel):
     stream_options: StreamOptions | None = None
 
 
+class Function(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: Function
+
+
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallMessage(BaseModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatRequest(Settings):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none"] | dict | None = None
 
 
 class CompletionRequest(Settings):
@@ -71,8 +100,32 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
-def chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
+def chat_prompt(tokenizer, body: ChatRequest) -> tuple[list[int], set[str]]:
+    """The prompt in the model's format, and the names of the tools the answer may call (none when tool_choice is
+    "none": then the tools are not shown to the model either)."""
+    if isinstance(body.tool_choice, dict):
+        raise ApiError(400, "tool_choice takes \"auto\" or \"none\"; naming a function is not supported",
+                       param="tool_choice")
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] if body.tool_choice != "none" else []
+    if tokenizer.chat_family == "chatglm2":
+        if tools or any(m.role == "tool" or m.tool_calls for m in body.messages):
+            raise ApiError(400, "ChatGLM2-6B has no tool calling; serve ChatGLM3-6B or GLM-4-9B-chat for tools",
+                           param="tools")
+        return chatglm2_prompt(tokenizer, body.messages), set()
+    if body.messages[-1].role not in ("user", "tool"):
+        raise ApiError(400, "the last message must be the user's or a tool's result", param="messages")
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    try:
+        prompt_ids = tokenizer.build_chat_input(chat_messages(tokenizer.chat_family, messages, tools or None))
+    except (ValueError, InputError) as error:
+        raise ApiError(400, str(error), param="messages") from None
+    return prompt_ids, {tool["function"]["name"] for tool in tools}
+
+
+def chatglm2_prompt(tokenizer, messages: list[Message]) -> list[int]:
     """ChatGLM2's `[Round N]` prompt: optional system message, then user/assistant pairs, ending with a user turn."""
+    if any(m.content is None for m in messages):
+        raise ApiError(400, "every message needs content", param="messages")
     system = messages[0].content if messages[0].role == "system" else None
     turns = messages[1:] if system is not None else messages
     if not turns or turns[-1].role != "user":
@@ -86,12 +139,18 @@ def chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
     return tokenizer.encode(tokenizer.build_prompt(query, history))
 
 
+def tool_call_message(call: ToolCall) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
 class OpenAIServer:
     def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None):
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         self.created = int(time.time())
+        self.stop_ids = set(engine.model.config.eos_token_ids) | set(tokenizer.chat_stop_ids)
 
-    def params(self, body: Settings, prompt_len: int) -> list[SamplingParams]:
+    def params(self, body: Settings, prompt_len: int, chat: bool) -> list[SamplingParams]:
         if body.n > self.engine.max_batch:
             raise ApiError(400, f"n must be at most {self.engine.max_batch} (the server's --max_batch)", param="n")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -104,7 +163,7 @@ class OpenAIServer:
         max_tokens = body.max_tokens or room
         return [SamplingParams(max_new_tokens=max_tokens, do_sample=body.temperature > 0, temperature=body.temperature,
                                top_p=body.top_p, top_k=body.top_k, seed=None if body.seed is None else body.seed + i,
-                               stop=tuple(stop))
+                               stop=tuple(stop), stop_token_ids=self.tokenizer.chat_stop_ids if chat else ())
                 for i in range(body.n)]
 
     def submit(self, prompt_ids: list[int], params: list[SamplingParams], wake: asyncio.Event) -> list:
@@ -164,34 +223,51 @@ class OpenAIServer:
             return text[:len(text) - hold] if hold else text, None
         return text, "length" if request.finish_reason == "length" else "stop"
 
+    def chat_choice(self, request, tool_names: set[str]) -> tuple[str, str | None, ToolCall | None]:
+        """choice_text for a chat answer, which may be a tool call: held back while it may become one, parsed once
+        finished (a malformed call stays plain content)."""
+        text, reason = self.choice_text(request, chat=True)
+        if not tool_names:
+            return text, reason, None
+        if reason is None:
+            return ("" if may_become_tool_call(text, tool_names) else text), None, None
+        call = parse_tool_call(self.tokenizer.chat_family, text, tool_names)
+        return (text, reason, None) if call is None else ("", "tool_calls", call)
+
     def usage(self, prompt_ids: list[int], requests: list) -> dict:
-        eos = self.engine.model.config.eos_token_id
-        completion = sum(len([t for t in r.tokens if t != eos]) for r in requests)
+        completion = sum(len([t for t in r.tokens if t not in self.stop_ids]) for r in requests)
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
                 "total_tokens": len(prompt_ids) + completion,
                 "prompt_tokens_details": {"cached_tokens": max(r.cached_tokens for r in requests)}}
 
-    async def respond(self, http: Request, body: Settings, prompt_ids: list[int], chat: bool):
-        params = self.params(body, len(prompt_ids))
+    async def respond(self, http: Request, body: Settings, prompt_ids: list[int], chat: bool,
+                      tool_names: set[str] = frozenset()):
+        params = self.params(body, len(prompt_ids), chat)
         wake = asyncio.Event()
         requests = self.submit(prompt_ids, params, wake)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "created": int(time.time()), "model": self.model_name}
         if body.stream:
-            stream = self.stream(http, head, body, prompt_ids, requests, wake, chat)
+            stream = self.stream(http, head, body, prompt_ids, requests, wake, chat, tool_names)
             return StreamingResponse(stream, media_type="text/event-stream")
         async for _ in self.updates(requests, wake, http):
             pass
         choices = []
         for i, request in enumerate(requests):
-            text, reason = self.choice_text(request, chat)
-            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+            if chat:
+                text, reason, call = self.chat_choice(request, tool_names)
+                message = {"role": "assistant", "content": text} if call is None else \
+                    {"role": "assistant", "content": None, "tool_calls": [tool_call_message(call)]}
+                choice = {"message": message}
+            else:
+                text, reason = self.choice_text(request, chat)
+                choice = {"text": text, "logprobs": None}
             choices.append({"index": i, **choice, "finish_reason": reason})
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                 "usage": self.usage(prompt_ids, requests)}
 
     async def stream(self, http: Request, head: dict, body: Settings, prompt_ids: list[int], requests: list,
-                     wake: asyncio.Event, chat: bool) -> AsyncIterator[str]:
+                     wake: asyncio.Event, chat: bool, tool_names: set[str]) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list[dict], **extra) -> str:
@@ -202,7 +278,14 @@ class OpenAIServer:
             yield chunk([{"index": i, "delta": {"role": "assistant"}, "finish_reason": None}
                          for i in range(len(requests))])
         async for i in self.updates(requests, wake, http):
-            text, reason = self.choice_text(requests[i], chat)
+            if chat:
+                text, reason, call = self.chat_choice(requests[i], tool_names)
+                if call is not None:
+                    yield chunk([{"index": i, "delta": {"tool_calls": [{"index": 0, **tool_call_message(call)}]},
+                                  "finish_reason": reason}])
+                    continue
+            else:
+                text, reason = self.choice_text(requests[i], chat)
             delta, sent[i] = text[len(sent[i]):], text
             if delta or reason:
                 piece = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta, "logprobs": None}
@@ -213,7 +296,7 @@ class OpenAIServer:
 
 
 def build_app(server: OpenAIServer) -> FastAPI:
-    app = FastAPI(title="ChatGLM2-6B OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app = FastAPI(title=f"{server.model_name} OpenAI-compatible API", docs_url=None, redoc_url=None)
     registry = metrics_registry(server.engine)
 
     @app.middleware("http")
@@ -250,7 +333,8 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request, body: ChatRequest):
-        return await server.respond(http, body, chat_prompt(server.tokenizer, body.messages), chat=True)
+        prompt_ids, tool_names = chat_prompt(server.tokenizer, body)
+        return await server.respond(http, body, prompt_ids, chat=True, tool_names=tool_names)
 
     @app.post("/v1/completions")
     async def completions(http: Request, body: CompletionRequest):

@@ -18,6 +18,7 @@ from chatglm2.atomic import atomic_file, write_text_atomic
 from chatglm2.chat_modes import printable
 from chatglm2.device import synchronize
 from chatglm2.errors import InputError
+from chatglm2.generation import chat_input
 from chatglm2.model import ChatGLM2ForCausalLM
 from chatglm2.tokenizer import ChatGLM2Tokenizer
 
@@ -53,11 +54,11 @@ class Timing:
 
 
 def filled_prompt(tokenizer: ChatGLM2Tokenizer, seq_in: int, batch: int) -> torch.Tensor:
-    """[batch, seq_in] token ids: `[gMASK] sop`, filler text, then a chat-formatted question ending in 答：.
+    """[batch, seq_in] token ids: `[gMASK] sop`, filler text, then the model's chat-formatted question.
 
     Every position is a real token, so no padding mask changes the attention work being timed.
     """
-    prompt = tokenizer.encode(tokenizer.build_prompt(QUESTION))
+    prompt = chat_input(tokenizer, QUESTION, [])
     if seq_in <= len(prompt):
         ids = prompt[-seq_in:]
     else:

@@ -1,26 +1,38 @@
-"""The ChatGLM2 tokenizer: SentencePiece plus five special tokens, written here rather than loaded from a checkpoint."""
+"""The ChatGLM2 and ChatGLM3 tokenizers (SentencePiece plus special tokens, written here rather than loaded from a
+checkpoint), and the choice among them and GLM-4's by the checkpoint's own files."""
+import json
+import re
 from pathlib import Path
 from typing import Sequence
 
 import sentencepiece
 import torch
 
+from chatglm2.batch_encode import batch_encode
 from chatglm2.errors import InputError
+from chatglm2.glm4_tokenizer import GLM4Tokenizer
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+ROLES = ("system", "user", "assistant", "observation")
+# What the pages and the API call each family's model: (title, model id)
+MODEL_NAMES = {"chatglm2": ("ChatGLM2-6B", "chatglm2-6b"), "chatglm3": ("ChatGLM3-6B", "chatglm3-6b"),
+               "glm4": ("GLM-4-9B-chat", "glm-4-9b-chat")}
+TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")
 
 
 class ChatGLM2Tokenizer:
     """Behaves like THUDM's tokenization_chatglm.py: `[gMASK] sop` prefix, left padding, pad = unk = 0."""
+    special_tokens = SPECIAL_TOKENS
+    chat_family = "chatglm2"
 
     def __init__(self, model_file: str | Path):
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         self.n_words = self.sp.vocab_size()
-        self.special_token_ids = {token: self.n_words + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self.special_token_ids = {token: self.n_words + i for i, token in enumerate(self.special_tokens)}
         self.bos_token_id = self.sp.bos_id()
         self.eos_token_id = self.sp.eos_id()
         self.pad_token_id = self.sp.unk_id()
-        self.vocab_size = self.n_words + len(SPECIAL_TOKENS)
+        self.vocab_size = self.n_words + len(self.special_tokens)
         # Decoding drops these, as the original's _convert_id_to_token maps them to "".
         self._dropped_ids = set(self.special_token_ids.values()) | {self.bos_token_id, self.eos_token_id, self.pad_token_id}
 
@@ -37,6 +49,10 @@ class ChatGLM2Tokenizer:
 
     def get_command(self, token: str) -> int:
         return self.special_token_ids[token]
+
+    @property
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.sp.encode(text)
@@ -60,16 +76,64 @@ class ChatGLM2Tokenizer:
     def __call__(self, texts: str | Sequence[str], padding: bool | str = True, return_tensors: str | None = "pt",
                  add_special_tokens: bool = True) -> dict:
         """Encode a batch, left-padded to the longest row; pad positions get attention_mask 0."""
-        if isinstance(texts, str):
-            texts = [texts]
-        rows = [self.encode(text, add_special_tokens) for text in texts]
-        longest = max(len(row) for row in rows)
-        if not padding and any(len(row) != longest for row in rows) and return_tensors == "pt":
-            raise InputError("rows of different lengths need padding=True to become one tensor")
-        width = longest if padding else None
-        input_ids = [[self.pad_token_id] * ((width or len(row)) - len(row)) + row for row in rows]
-        attention_mask = [[0] * ((width or len(row)) - len(row)) + [1] * len(row) for row in rows]
-        if return_tensors == "pt":
-            return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
-                    "attention_mask": torch.tensor(attention_mask, dtype=torch.long)}
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return batch_encode(self, texts, padding, return_tensors, add_special_tokens)
+
+
+class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
+    """THUDM's ChatGLM3 tokenizer: ChatGLM2's plus four role tokens. Text is encoded by SentencePiece alone, so a role
+    token never comes from what someone typed (a message cannot forge a turn)."""
+    special_tokens = SPECIAL_TOKENS + tuple(f"<|{role}|>" for role in ROLES)
+    chat_family = "chatglm3"
+
+    @property
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        return self.eos_token_id, self.get_command("<|user|>"), self.get_command("<|observation|>")
+
+    def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
+        if role not in ROLES:
+            raise InputError(f"a message has role {role!r}; ChatGLM3 knows {', '.join(ROLES)}")
+        return [self.get_command(f"<|{role}|>")] + self.sp.encode(f"{metadata}\n") + self.sp.encode(message)
+
+    def build_chat_input(self, messages: Sequence[dict]) -> list[int]:
+        """THUDM's build_chat_input over a whole conversation: `[gMASK] sop`, each message (a system message's tools
+        appended as indented JSON), then `<|assistant|>` for the answer."""
+        ids = [self.get_command("[gMASK]"), self.get_command("sop")]
+        for message in messages:
+            content = message.get("content") or ""
+            if message["role"] == "system" and message.get("tools"):
+                content += "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+            ids += self.build_single_message(message["role"], message.get("metadata") or "", content)
+        return ids + [self.get_command("<|assistant|>")]
+
+
+def chatglm3_files(path: Path) -> bool:
+    """ChatGLM3's files name it (config's _name_or_path, tokenizer_config's name_or_path) or list its role tokens
+    (tokenizer_config's added tokens); ChatGLM2's do neither."""
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            found.append(json.loads((path / name).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    for settings in found:
+        names = f"{settings.get('_name_or_path', '')} {settings.get('name_or_path', '')}".lower()
+        if "chatglm3" in names or "<|user|>" in json.dumps(settings.get("added_tokens_decoder", {})) + \
+                json.dumps(settings.get("additional_special_tokens", [])):
+            return True
+    return False
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, chosen by its files: GLM-4's when tokenizer.model holds tiktoken ranks,
+    ChatGLM3's when the files name ChatGLM3, ChatGLM2's otherwise."""
+    path = Path(path)
+    model_file = path / "tokenizer.model"
+    if not model_file.is_file() and (path / "tokenizer.json").is_file():
+        raise InputError(f"{path} has transformers' tokenizer.json but no tokenizer.model, which is what is read here; "
+                         f"copy tokenizer.model and tokenizer_config.json from the same model's THUDM repository "
+                         f"(e.g. THUDM/glm-4-9b-chat for glm-4-9b-chat-hf)")
+    if model_file.is_file():
+        with open(model_file, "rb") as f:
+            if TIKTOKEN_LINE.match(f.readline(4096)):
+                return GLM4Tokenizer.from_pretrained(path)
+    return (ChatGLM3Tokenizer if chatglm3_files(path) else ChatGLM2Tokenizer).from_pretrained(path)

@@ -115,17 +115,18 @@ def assert_torchrun_matches(model, model_path: Path, tp_size: int, out_dir: Path
 
     import torch
 
-    from chatglm2.tokenizer import ChatGLM2Tokenizer
+    from chatglm2.tokenizer import load_tokenizer
 
     result = torchrun(tp_size, "tests/tp_worker.py", str(model_path), str(tp_size), str(out_dir),
                       json.dumps(load_kwargs or {}), **env)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(tp_size)]
-    batch = ChatGLM2Tokenizer.from_pretrained(model_path)(PROMPTS)
+    tokenizer = load_tokenizer(model_path)
+    batch = tokenizer(PROMPTS)
     real = batch["attention_mask"].bool()
     assert (ranks[0]["logits"][real] - model(**batch)[real]).abs().max().item() < 1e-4
     assert torch.equal(ranks[0]["greedy"], model.generate(**batch, max_new_tokens=12))
-    assert ranks[0]["pool"] == pool_workload(model, ChatGLM2Tokenizer.from_pretrained(model_path))[0]
+    assert ranks[0]["pool"] == pool_workload(model, tokenizer)[0]
     assert ranks[0]["preemptions"] > 0
     for other in ranks[1:]:
         assert torch.equal(other["greedy"], ranks[0]["greedy"])
@@ -137,9 +138,10 @@ def pool_workload(model, tokenizer) -> tuple[list[list[int]], int]:
     """Greedy answers through a KV pool too small to hold them all at once (so requests are preempted), with
     prompts that share prefixes (prefix hits) and chunked prefill: each request's tokens, and the preemptions."""
     from chatglm2.engine import Engine, SamplingParams
+    from chatglm2.generation import chat_input
 
     engine = Engine(model, 4, max_prefill_tokens=24, kv_cache_tokens=96)
-    prompts = [tokenizer.encode(tokenizer.build_prompt(p)) for p in PROMPTS]
+    prompts = [chat_input(tokenizer, p, []) for p in PROMPTS]
     requests = [engine.submit(ids, SamplingParams(max_new_tokens=12)) for ids in prompts + [p * 2 for p in prompts]]
     while not all(r.finished for r in requests):
         engine.step()
@@ -176,3 +178,27 @@ def assert_single_and_chat_run(ckpt: Path, env: dict) -> None:
     chat = main_py("--mode", "cli_demo", "--model_path", str(ckpt), stdin="你好\nclear\n再见\n", MAX_SEQ_LEN="120", **env)
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("ChatGLM：") == 2
+
+
+def force_answers(model, answer_for) -> list[list[int]]:
+    """Make `model` answer each request with the token ids answer_for(prompt ids it prefills) returns (ending with a
+    stop token), by forcing its logits: tokenizer, engine, sampler and servers run as usual. One request at a time,
+    each prefilled in one piece. Returns the list of prompts seen, which grows as requests come."""
+    import torch
+
+    prefill, logits = model.prefill, model.logits
+    prompts, script = [], []
+
+    def forced_prefill(pieces, block_tables, starts=None):
+        assert len(pieces) == 1, "one request at a time"
+        prompts.append(list(pieces[0]))
+        script[:] = answer_for(list(pieces[0]))
+        return prefill(pieces, block_tables, starts)
+
+    def forced_logits(hidden):
+        forced = torch.full_like(logits(hidden), -1e4)
+        forced[:, script.pop(0)] = 1e4
+        return forced
+
+    model.prefill, model.logits = forced_prefill, forced_logits
+    return prompts

@@ -15,7 +15,8 @@ def glm_reference(path: str | Path) -> GlmForCausalLM:
         vocab_size=cfg["padded_vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["ffn_hidden_size"],
         num_hidden_layers=cfg["num_layers"], num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_dim,
         rms_norm_eps=cfg["layernorm_epsilon"], attention_bias=True, tie_word_embeddings=False,
-        max_position_embeddings=cfg["seq_length"], pad_token_id=0, eos_token_id=2, bos_token_id=1,
+        max_position_embeddings=cfg["seq_length"], pad_token_id=cfg.get("pad_token_id", 0),
+        eos_token_id=cfg.get("eos_token_id", 2), bos_token_id=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * cfg.get("rope_ratio", 1.0),
                          "partial_rotary_factor": 0.5},
         attn_implementation="eager")

@@ -11,13 +11,14 @@ import torch
 
 from chatglm2 import collectives
 from helpers import PROMPTS, pool_workload
-from modeling_chatglm_ascend import ChatGLM2ForCausalLM, ChatGLM2Tokenizer
+from chatglm2.tokenizer import load_tokenizer
+from modeling_chatglm_ascend import ChatGLM2ForCausalLM
 
 
 def main(model_path: str, tp_size: int, out_dir: str, load_kwargs: dict) -> None:
     device = torch.device("cpu")
     tp_rank = collectives.init_tensor_parallel(tp_size, device)
-    tokenizer = ChatGLM2Tokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     model = ChatGLM2ForCausalLM.from_pretrained(model_path, device=device, dtype=torch.float32, tp_rank=tp_rank,
                                                 tp_size=tp_size, **load_kwargs)
     batch = tokenizer(PROMPTS)
