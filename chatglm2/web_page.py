@@ -23,14 +23,14 @@ def build_page(engine: Engine, tokenizer, title: str) -> gr.Blocks:
     has_system_role = tokenizer.chat_family != "chatglm2"
 
     def predict(query: str, chatbot: Messages, max_length: float, top_p: float, temperature: float,
-                history: History, system: str = "") -> Iterator[tuple[Messages, History]]:
+                history: History, system: str | None = None) -> Iterator[tuple[Messages, History]]:
         if not query.strip():
             gr.Info("Type a message first.")
             yield chatbot, history
             return
         chatbot = chatbot + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         try:
-            prompt_ids = chat_input(tokenizer, query, history, system.strip() or None)
+            prompt_ids = chat_input(tokenizer, query, history, (system or "").strip() or None)
             budget = answer_budget(len(prompt_ids), int(max_length), model.max_seq_len)
             request = engine.submit(prompt_ids, SamplingParams(max_new_tokens=budget, do_sample=True, top_p=top_p,
                                                                temperature=temperature,
@@ -57,7 +57,7 @@ def build_page(engine: Engine, tokenizer, title: str) -> gr.Blocks:
                 user_input = gr.Textbox(show_label=False, placeholder="Input...", lines=10)
                 submit = gr.Button("Submit", variant="primary")
             with gr.Column(scale=1):
-                system = gr.Textbox(label="System prompt", lines=3, visible=has_system_role)
+                system = gr.Textbox("", label="System prompt", lines=3, visible=has_system_role)
                 clear = gr.Button("Clear History")
                 max_length = gr.Slider(0, 32768, value=8192, step=1, label="Maximum length")
                 top_p = gr.Slider(0, 1, value=0.8, step=0.01, label="Top P")
