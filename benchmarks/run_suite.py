@@ -9,7 +9,8 @@
 Engines, each timed in its own process (so each peak RSS is its own), sequentially:
   ours                 this project (default dtype: bf16 on a CPU with native bf16, fp16 on GPU)
   ours-w8a8            W8A8 (ENABLE_QUANT; layer 0 and output_layer float)
-  ours-int8, ours-int4 weight-only, quantized at load (--quantize; int4 in groups of 128; output_layer likewise)
+  ours-int8, ours-int4 weight-only, quantized at load (--quantize; int4 in groups of 32; output_layer likewise)
+  ours-int4-g128       int4 in groups of 128 (--group_size 128: fewer bytes, less accurate)
   ours-int8-a8         int8 whose layers also round activation rows to 8 bits (--quantize_activations int8: fbgemm)
   ours-int4-out8       int4 with output_layer int8 (--quantize_output_layer int8: more accurate)
   ours-int4-mixed      int4 with the attention layers and output_layer int8 (--quantize_attention int8
