@@ -117,19 +117,23 @@ def test_transformers_layout_is_read_as_the_same_model(glm4_ckpt, tmp_path):
 def test_chat_turns_use_role_messages_and_stop_at_end_of_turn_tokens(family_ckpt):
     family, path = family_ckpt
     tokenizer, model = load_tokenizer(path), fp32(path)
-    answer = tokenizer.encode("你好！", add_special_tokens=False)
     end_of_turn = tokenizer.get_command("<|user|>")
+    # answer as the model was trained to: the tokens its format writes for this turn (header newline included)
+    system = [{"role": "system", "content": "你是一个助手。"}]
+    asked = tokenizer.build_chat_input(system + [{"role": "user", "content": "你好"}])
+    turn = tokenizer.build_chat_input(system + [{"role": "user", "content": "你好"},
+                                                {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "."}])
+    answer = turn[len(asked):turn.index(end_of_turn, len(asked))]
     prompts = force_answers(model, lambda prompt: answer + [end_of_turn, *answer])  # what follows the stop is unseen
     response, history = model.chat(tokenizer, "你好", [], system="你是一个助手。")
     assert response == "你好！"
     assert history == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
-    system = [{"role": "system", "content": "你是一个助手。"}]
-    assert prompts[-1] == tokenizer.build_chat_input(system + history[:1])
+    assert prompts[-1] == asked
     response, history = model.chat(tokenizer, "再见", system + history)
     assert response == "你好！" and len(history) == 5
     # the second turn's prompt continues the first turn's (its cached blocks are reused, the rest prefilled)
     whole = tokenizer.build_chat_input(history[:4])
-    assert whole[-len(prompts[-1]):] == prompts[-1]
+    assert len(prompts[-1]) < len(whole) and whole[-len(prompts[-1]):] == prompts[-1]
 
 
 def test_every_mode_runs(family_ckpt, tmp_path):
